@@ -1,0 +1,101 @@
+"""The FastAPI application: validate and store uploads, enqueue jobs, read them back.
+
+It never imports torch or transformers; tasks are sent by name through the shared Celery
+configuration. Run it with ``lookalike api`` (uvicorn).
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+
+import redis.asyncio as aioredis
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from redis.exceptions import ConnectionError as RedisConnectionError
+from redis.exceptions import TimeoutError as RedisTimeoutError
+
+from api.events import JobEvents
+from api.limits import BodySizeLimit
+from api.routes import router
+from shared.celery_config import make_celery
+from shared.jobs import AsyncJobStore
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+STORE_DOWN = "The job store is unavailable; retry shortly."
+RETRY_AFTER_S = "5"
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    settings = settings or get_settings()
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI) -> AsyncIterator[None]:
+        client = aioredis.Redis.from_url(
+            settings.broker.redis_url,
+            socket_connect_timeout=2,
+            socket_timeout=5,
+            health_check_interval=10,
+            max_connections=256,
+        )
+        store = AsyncJobStore(
+            client, prefix=settings.storage.key_prefix, ttl_s=settings.storage.job_ttl_s
+        )
+        events = JobEvents(client, store.keys)
+        events.start()
+        app.state.settings = settings
+        app.state.store = store
+        app.state.events = events
+        app.state.celery = make_celery(settings, name="lookalike-api")
+        try:
+            yield
+        finally:
+            await events.stop()
+            await client.aclose()
+
+    app = FastAPI(
+        title="lookalike",
+        summary="Upload a picture, get the most similar images of a gallery.",
+        version="0.1.0",
+        lifespan=lifespan,
+    )
+    app.add_middleware(BodySizeLimit, max_bytes=settings.storage.max_upload_bytes)
+    app.include_router(router)
+    app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(RedisConnectionError, _store_down)
+    app.add_exception_handler(RedisTimeoutError, _store_down)
+    return app
+
+
+async def _store_down(request: Request, exc: Exception) -> JSONResponse:
+    log.warning("redis unavailable during %s %s: %s", request.method, request.url.path, exc)
+    return JSONResponse(
+        {"detail": STORE_DOWN}, status_code=503, headers={"Retry-After": RETRY_AFTER_S}
+    )
+
+
+# FastAPI's validation errors are lists; lookalike answers one short sentence per field.
+_FIELD_DETAILS = {
+    "k": "k must be a whole number from 1 to 50.",
+    "file": "The request has no 'file' field: send the image as multipart/form-data.",
+    "wait": "wait must be a number of seconds, 0 or more.",
+}
+
+
+async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
+    assert isinstance(exc, RequestValidationError)
+    detail = "The request is not valid."
+    for error in exc.errors():
+        loc = [str(part) for part in error.get("loc", ())]
+        field = loc[-1] if loc else ""
+        if field in _FIELD_DETAILS:
+            detail = _FIELD_DETAILS[field]
+            break
+    else:
+        if exc.errors() and exc.errors()[0].get("type") == "missing":
+            detail = _FIELD_DETAILS["file"]
+    return JSONResponse({"detail": detail}, status_code=422)

@@ -1,0 +1,60 @@
+"""The Celery configuration both sides share: the API sends tasks by name with it,
+the worker consumes with it. Nothing here imports torch."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from celery import Celery
+
+from shared.settings import Settings
+
+SEARCH_TASK = "lookalike.search"
+
+
+def celery_config(settings: Settings) -> dict[str, Any]:
+    broker = settings.broker
+    return {
+        "broker_url": broker.redis_url,
+        "broker_connection_retry_on_startup": True,
+        "broker_connection_max_retries": None,
+        "broker_transport_options": {
+            # An unacknowledged message (its worker died) is handed out again after this.
+            "visibility_timeout": broker.visibility_timeout_s,
+            "socket_connect_timeout": 3,
+            "socket_timeout": 10,
+            "retry_on_timeout": True,
+            "health_check_interval": 10,
+        },
+        "broker_pool_limit": 16,
+        # Results live in our own job records, not in Celery's result backend.
+        "task_ignore_result": True,
+        "task_serializer": "json",
+        "accept_content": ["json"],
+        "task_default_queue": broker.queue,
+        "task_routes": {SEARCH_TASK: {"queue": broker.queue}},
+        # Nothing lost: a message is acknowledged after its job is stored, and a worker that
+        # dies mid-job gives it back.
+        "task_acks_late": True,
+        "task_reject_on_worker_lost": True,
+        "worker_prefetch_multiplier": 1,
+        "task_time_limit": broker.task_time_limit_s,
+        "task_soft_time_limit": max(1, broker.task_time_limit_s - 5),
+        # Publishing from the API must fail fast (and become a 503) when Redis is down.
+        "task_publish_retry": True,
+        "task_publish_retry_policy": {
+            "max_retries": 2,
+            "interval_start": 0,
+            "interval_step": 0.2,
+            "interval_max": 0.5,
+        },
+        "worker_hijack_root_logger": False,
+        "worker_cancel_long_running_tasks_on_connection_loss": False,
+        "enable_utc": True,
+    }
+
+
+def make_celery(settings: Settings, *, name: str) -> Celery:
+    app = Celery(name)
+    app.conf.update(celery_config(settings))
+    return app

@@ -1,0 +1,301 @@
+"""The ``lookalike`` command line: serve, api, worker, index build, query.
+
+Every command reads the same ``LOOKALIKE_*`` settings. Heavy imports (torch, the worker) are
+made inside the commands that need them, so ``lookalike api`` and ``lookalike query`` stay light.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+from shared.errors import LookalikeError
+from shared.settings import get_settings, load_settings
+
+DEFAULT_API_URL = "http://127.0.0.1:8000"
+
+
+def _setup_logging(level: str = "INFO") -> None:
+    logging.basicConfig(
+        level=level,
+        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+
+
+def _fail(message: str, code: int = 2) -> int:
+    print(f"lookalike: {message}", file=sys.stderr)
+    return code
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    load_settings()  # refuse bad settings before binding the port
+    uvicorn.run(
+        "api.app:create_app",
+        factory=True,
+        host=args.host,
+        port=args.port,
+        workers=args.workers,
+        timeout_keep_alive=5,
+        log_level="warning",
+        access_log=False,
+    )
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    from worker.main import run_worker
+
+    load_settings()
+    return run_worker(build_missing=args.build_index, loglevel=args.loglevel)
+
+
+def cmd_index_build(args: argparse.Namespace) -> int:
+    from shared.fashion_mnist import load_gallery
+    from worker.encoder import load_encoder
+    from worker.index import build_index, gallery_to_images, index_dir
+
+    settings = load_settings()
+    size = args.size or settings.gallery.size
+    batch_size = args.batch_size or settings.model.batch_size
+    directory = index_dir(
+        settings.gallery.index_dir,
+        gallery=settings.gallery.name,
+        size=size,
+        model_id=settings.model.name,
+    )
+    if (directory / "manifest.json").exists() and not args.force:
+        print(f"index already built at {directory} (use --force to rebuild)")
+        return 0
+    gallery = load_gallery(settings.gallery.data_dir, size=size)
+    encoder = load_encoder(settings.model, probe_images=gallery_to_images(gallery.images[:8]))
+    print(
+        f"indexing {len(gallery)} {settings.gallery.name} images with {encoder.model_id} "
+        f"on {encoder.device} ({encoder.precision}), batch {batch_size}",
+        file=sys.stderr,
+    )
+    if encoder.is_random:
+        print(
+            "warning: random weights: the index is for testing and benchmarks only", file=sys.stderr
+        )
+    manifest = build_index(
+        encoder,
+        gallery.images,
+        gallery.labels,
+        gallery=settings.gallery.name,
+        directory=directory,
+        batch_size=batch_size,
+        progress=not args.no_progress,
+    )
+    rate = manifest.count / manifest.build_seconds if manifest.build_seconds else 0.0
+    print(
+        f"index built at {directory}: {manifest.count} images in {manifest.build_seconds:.1f}s "
+        f"({rate:.1f} images/s)"
+    )
+    return 0
+
+
+def cmd_query(args: argparse.Namespace) -> int:
+    import httpx
+
+    path = Path(args.image)
+    if not path.is_file():
+        return _fail(f"{path} is not a file")
+    params = {"k": str(args.k)} if args.k else {}
+    deadline = time.monotonic() + args.timeout
+    with httpx.Client(base_url=args.url, timeout=60) as client:
+        with path.open("rb") as handle:
+            reply = client.post("/jobs", files={"file": (path.name, handle)}, params=params)
+        if reply.status_code != 202:
+            return _fail(f"{reply.status_code}: {_detail(reply)}")
+        job = reply.json()
+        while job["status"] not in ("succeeded", "failed"):
+            if time.monotonic() > deadline:
+                return _fail(f"job {job['id']} did not end within {args.timeout}s")
+            reply = client.get(f"/jobs/{job['id']}", params={"wait": "30"})
+            if reply.status_code != 200:
+                return _fail(f"{reply.status_code}: {_detail(reply)}")
+            job = reply.json()
+    if args.json:
+        print(json.dumps(job, indent=2))
+        return 0 if job["status"] == "succeeded" else 1
+    if job["status"] == "failed":
+        return _fail(f"job {job['id']} failed: {job['error']}", 1)
+    print(format_result(job))
+    return 0
+
+
+def format_result(job: dict[str, Any]) -> str:
+    result = job["result"]
+    timings = result["timings"]
+    lines = [
+        f"{'rank':>4}  {'index':>6}  {'class':<12}  {'score':>7}",
+        *(
+            f"{m['rank']:>4}  {m['index']:>6}  {m['label_name']:<12}  {m['score']:>7.4f}"
+            for m in result["matches"]
+        ),
+        "",
+        f"model {result['model']} on {result['device']}; gallery {result['gallery']['name']} "
+        f"({result['gallery']['size']} images)",
+        f"queue {timings['queue_wait_ms']:.1f} ms, embed {timings['embed_ms']:.1f} ms, "
+        f"search {timings['search_ms']:.1f} ms, total {timings['total_ms']:.1f} ms",
+    ]
+    if result["model_is_random"]:
+        lines.append("warning: the model has random weights: these matches are meaningless")
+    return "\n".join(lines)
+
+
+def _detail(reply: Any) -> str:
+    try:
+        return str(reply.json().get("detail", reply.text))
+    except ValueError:
+        return str(reply.text)
+
+
+def cmd_serve(args: argparse.Namespace) -> int:
+    """API + one worker + Redis, on one machine, with nothing but pip packages."""
+    from shared.redis_server import start_redis
+    from shared.settings import data_home
+
+    load_settings()
+    redis_server = None
+    if not os.environ.get("LOOKALIKE_REDIS_URL"):
+        redis_server = start_redis(data_home() / "redis")
+        os.environ["LOOKALIKE_REDIS_URL"] = redis_server.url
+        print(
+            f"lookalike: Redis on {redis_server.url} (data in {redis_server.directory})",
+            file=sys.stderr,
+        )
+    get_settings.cache_clear()
+    worker_cmd = [sys.executable, "-m", "shared.cli", "worker", "--build-index"]
+    api_cmd = [
+        sys.executable,
+        "-m",
+        "shared.cli",
+        "api",
+        "--host",
+        args.host,
+        "--port",
+        str(args.port),
+    ]
+    stopping = threading.Event()
+    children: dict[str, subprocess.Popen[bytes]] = {}
+
+    def supervise(name: str, command: list[str]) -> None:
+        backoff = 1.0
+        while not stopping.is_set():
+            started = time.monotonic()
+            process = subprocess.Popen(command)
+            children[name] = process
+            code = process.wait()
+            if stopping.is_set():
+                return
+            if code == 2:  # a configuration error: restarting would not help
+                print(f"lookalike: the {name} cannot start (see above); stopping", file=sys.stderr)
+                stopping.set()
+                return
+            backoff = 1.0 if time.monotonic() - started > 60 else min(backoff * 2, 30.0)
+            print(
+                f"lookalike: the {name} exited ({code}); restarting in {backoff:.0f}s",
+                file=sys.stderr,
+            )
+            stopping.wait(backoff)
+
+    def on_signal(signum: int, frame: object) -> None:
+        stopping.set()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    threads = [
+        threading.Thread(target=supervise, args=("worker", worker_cmd), daemon=True),
+        threading.Thread(target=supervise, args=("api", api_cmd), daemon=True),
+    ]
+    for thread in threads:
+        thread.start()
+    print(
+        f"lookalike: API on http://{args.host}:{args.port} - the first start builds the index; "
+        f"then try: lookalike query PHOTO.jpg",
+        file=sys.stderr,
+    )
+    stopping.wait()
+    for process in children.values():
+        if process.poll() is None:
+            process.send_signal(signal.SIGTERM)
+    for process in children.values():
+        try:
+            process.wait(timeout=20)
+        except subprocess.TimeoutExpired:
+            process.kill()
+    if redis_server is not None:
+        redis_server.stop()
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="lookalike",
+        description="Image-similarity search over a gallery, as a task-queue service.",
+    )
+    commands = parser.add_subparsers(dest="command", required=True)
+
+    serve = commands.add_parser("serve", help="API + one worker + Redis on this machine")
+    serve.add_argument("--host", default="127.0.0.1")
+    serve.add_argument("--port", type=int, default=8000)
+    serve.set_defaults(func=cmd_serve)
+
+    api = commands.add_parser("api", help="the HTTP API (uvicorn)")
+    api.add_argument("--host", default="127.0.0.1")
+    api.add_argument("--port", type=int, default=8000)
+    api.add_argument("--workers", type=int, default=1, help="uvicorn worker processes")
+    api.set_defaults(func=cmd_api)
+
+    worker = commands.add_parser("worker", help="a Celery worker holding CLIP and the index")
+    worker.add_argument(
+        "--build-index", action="store_true", help="build the index first if it is missing"
+    )
+    worker.add_argument("--loglevel", default="INFO")
+    worker.set_defaults(func=cmd_worker)
+
+    index = commands.add_parser("index", help="the gallery index")
+    index_commands = index.add_subparsers(dest="index_command", required=True)
+    build = index_commands.add_parser("build", help="embed the gallery and save the index")
+    build.add_argument("--size", type=int, help="gallery size (default LOOKALIKE_GALLERY_SIZE)")
+    build.add_argument("--batch-size", type=int, help="images per forward pass")
+    build.add_argument("--force", action="store_true", help="rebuild even if it exists")
+    build.add_argument("--no-progress", action="store_true", help="no progress bar")
+    build.set_defaults(func=cmd_index_build)
+
+    query = commands.add_parser("query", help="submit an image and print its matches")
+    query.add_argument("image")
+    query.add_argument("--k", type=int, help="how many matches (1..50, default 5)")
+    query.add_argument("--url", default=os.environ.get("LOOKALIKE_API_URL", DEFAULT_API_URL))
+    query.add_argument("--timeout", type=float, default=300.0)
+    query.add_argument("--json", action="store_true", help="print the raw job as JSON")
+    query.set_defaults(func=cmd_query)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    _setup_logging()
+    try:
+        return int(args.func(args))
+    except LookalikeError as error:
+        return _fail(str(error))
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

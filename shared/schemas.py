@@ -1,0 +1,77 @@
+"""The shapes that travel between the API, Redis and the worker."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from enum import StrEnum
+
+import numpy as np
+import numpy.typing as npt
+from pydantic import BaseModel, Field
+
+Embeddings = npt.NDArray[np.float32]
+"""A (n, dim) matrix of L2-normalised float32 rows."""
+
+
+class JobStatus(StrEnum):
+    QUEUED = "queued"
+    RUNNING = "running"
+    SUCCEEDED = "succeeded"
+    FAILED = "failed"
+
+    @property
+    def is_final(self) -> bool:
+        return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
+
+
+class Match(BaseModel):
+    rank: int = Field(description="1 for the closest match")
+    index: int = Field(description="Position of the image in the gallery")
+    label: int = Field(description="Class number of the gallery image")
+    label_name: str = Field(description="Class name, e.g. 'Sneaker'")
+    score: float = Field(ge=-1.0, le=1.0, description="Cosine similarity")
+
+
+class GalleryInfo(BaseModel):
+    name: str
+    size: int
+
+
+class Timings(BaseModel):
+    queue_wait_ms: float = Field(description="From acceptance to a worker starting the job")
+    decode_ms: float = Field(description="Decoding the upload in the worker")
+    embed_ms: float = Field(description="Preprocessing and the CLIP forward pass")
+    search_ms: float = Field(description="Matrix product and top-k over the gallery")
+    total_ms: float = Field(description="From acceptance to the result being stored")
+
+
+class JobResult(BaseModel):
+    matches: list[Match]
+    model: str = Field(description="The CLIP checkpoint that embedded the query")
+    model_is_random: bool = Field(
+        description="True when the opt-in random model answered: matches are meaningless"
+    )
+    gallery: GalleryInfo
+    device: str
+    worker: str
+    timings: Timings
+
+
+class Job(BaseModel):
+    """A job as stored and as returned by ``GET /jobs/<id>``."""
+
+    id: str
+    status: JobStatus
+    k: int
+    created_at: datetime
+    started_at: datetime | None = None
+    finished_at: datetime | None = None
+    attempts: int = Field(0, description="How many times a worker started this job")
+    error: str | None = Field(None, description="Why the job failed, when it did")
+    result: JobResult | None = None
+
+
+class Problem(BaseModel):
+    """FastAPI's error shape."""
+
+    detail: str

@@ -1,0 +1,189 @@
+"""Every setting of lookalike, read from ``LOOKALIKE_*`` environment variables.
+
+The groups (model, gallery, storage, broker, api) are nested models, but each field keeps a
+flat, documented variable name (``LOOKALIKE_MODEL``, ``LOOKALIKE_REDIS_URL``...), because that
+is what users type. Validators refuse nonsense at start with a message naming the variable.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, Field, ValidationError, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from shared.errors import ConfigError
+
+DEFAULT_MODEL = "openai/clip-vit-base-patch32"
+RANDOM_MODEL_PREFIX = "random:"
+DEFAULT_GALLERY_SIZE = 2000
+FASHION_MNIST_SIZE = 70_000
+
+
+def data_home() -> Path:
+    explicit = os.environ.get("LOOKALIKE_HOME")
+    if explicit:
+        return Path(explicit).expanduser()
+    xdg = os.environ.get("XDG_DATA_HOME")
+    base = Path(xdg).expanduser() if xdg else Path.home() / ".local" / "share"
+    return base / "lookalike"
+
+
+class _Group(BaseSettings):
+    # populate_by_name: code and tests build groups with field names; the environment
+    # is read only through the LOOKALIKE_* aliases.
+    model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+
+
+class ModelSettings(_Group):
+    name: str = Field(DEFAULT_MODEL, validation_alias="LOOKALIKE_MODEL")
+    device: str = Field("auto", validation_alias="LOOKALIKE_DEVICE")
+    batch_size: int = Field(32, ge=1, le=4096, validation_alias="LOOKALIKE_BATCH_SIZE")
+    threads: int = Field(0, ge=0, le=512, validation_alias="LOOKALIKE_THREADS")
+    fast_cpu: Literal["auto", "off"] = Field("auto", validation_alias="LOOKALIKE_FAST_CPU")
+
+    @field_validator("name")
+    @classmethod
+    def _name_not_empty(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            raise ValueError("LOOKALIKE_MODEL is empty: give a hub id or a local directory")
+        return value
+
+    @field_validator("device")
+    @classmethod
+    def _known_device(cls, value: str) -> str:
+        value = value.strip().lower()
+        if not re.fullmatch(r"auto|cpu|cuda(:\d+)?|mps", value):
+            raise ValueError(
+                f"LOOKALIKE_DEVICE={value!r} is not a device: use auto, cpu, cuda, cuda:N or mps"
+            )
+        return value
+
+    @property
+    def is_random(self) -> bool:
+        return self.name.startswith(RANDOM_MODEL_PREFIX)
+
+
+class GallerySettings(_Group):
+    name: str = Field("fashion-mnist", validation_alias="LOOKALIKE_GALLERY")
+    size: int = Field(
+        DEFAULT_GALLERY_SIZE,
+        ge=1,
+        validation_alias="LOOKALIKE_GALLERY_SIZE",
+    )
+    data_dir: Path | None = Field(None, validation_alias="LOOKALIKE_DATA_DIR")
+    index_dir: Path = Field(
+        default_factory=lambda: data_home() / "index",
+        validation_alias="LOOKALIKE_INDEX_DIR",
+    )
+    top_k: int = Field(5, validation_alias="LOOKALIKE_TOP_K")
+
+    @field_validator("name")
+    @classmethod
+    def _known_gallery(cls, value: str) -> str:
+        if value != "fashion-mnist":
+            raise ValueError(
+                f"LOOKALIKE_GALLERY={value!r} is unknown: the gallery is fashion-mnist"
+            )
+        return value
+
+    @field_validator("size")
+    @classmethod
+    def _size_fits(cls, value: int) -> int:
+        if value > FASHION_MNIST_SIZE:
+            raise ValueError(
+                f"LOOKALIKE_GALLERY_SIZE={value} is larger than Fashion-MNIST "
+                f"({FASHION_MNIST_SIZE} images)"
+            )
+        return value
+
+    @field_validator("top_k")
+    @classmethod
+    def _top_k_range(cls, value: int) -> int:
+        if not 1 <= value <= 50:
+            raise ValueError(f"LOOKALIKE_TOP_K={value} must be between 1 and 50")
+        return value
+
+
+class StorageSettings(_Group):
+    job_ttl_s: int = Field(86_400, ge=60, validation_alias="LOOKALIKE_JOB_TTL")
+    max_upload_bytes: int = Field(
+        10 * 1024 * 1024,
+        ge=1024,
+        validation_alias="LOOKALIKE_MAX_UPLOAD_BYTES",
+    )
+    max_image_pixels: int = Field(
+        50_000_000,
+        ge=1,
+        validation_alias="LOOKALIKE_MAX_IMAGE_PIXELS",
+    )
+    key_prefix: str = Field("lookalike", validation_alias="LOOKALIKE_KEY_PREFIX")
+
+
+class BrokerSettings(_Group):
+    redis_url: str = Field("redis://127.0.0.1:6379/0", validation_alias="LOOKALIKE_REDIS_URL")
+    queue: str = Field("lookalike", validation_alias="LOOKALIKE_QUEUE")
+    task_time_limit_s: int = Field(120, ge=5, validation_alias="LOOKALIKE_TASK_TIME_LIMIT")
+    visibility_timeout_s: int = Field(300, ge=10, validation_alias="LOOKALIKE_VISIBILITY_TIMEOUT")
+    max_attempts: int = Field(3, ge=1, le=20, validation_alias="LOOKALIKE_MAX_ATTEMPTS")
+
+    @field_validator("redis_url")
+    @classmethod
+    def _redis_scheme(cls, value: str) -> str:
+        if not value.startswith(("redis://", "rediss://", "unix://")):
+            raise ValueError(
+                f"LOOKALIKE_REDIS_URL={value!r} must start with redis://, rediss:// or unix://"
+            )
+        return value
+
+
+class ApiSettings(_Group):
+    max_wait_s: float = Field(30.0, gt=0, le=300, validation_alias="LOOKALIKE_MAX_WAIT")
+
+
+class Settings(BaseModel):
+    """The whole configuration; build it with :func:`load_settings`."""
+
+    model: ModelSettings = Field(default_factory=ModelSettings)
+    gallery: GallerySettings = Field(default_factory=GallerySettings)
+    storage: StorageSettings = Field(default_factory=StorageSettings)
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    api: ApiSettings = Field(default_factory=ApiSettings)
+
+
+def _explain(error: ValidationError) -> str:
+    lines = []
+    for item in error.errors():
+        message = str(item.get("msg", "invalid value")).removeprefix("Value error, ")
+        where = ".".join(str(p) for p in item.get("loc", ()))
+        if "LOOKALIKE_" not in message:
+            message = f"{where}: {message}"
+        lines.append(message)
+    return "invalid settings: " + "; ".join(lines)
+
+
+def load_settings() -> Settings:
+    """Read the environment; raise :class:`ConfigError` naming the variable on nonsense."""
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        raise ConfigError(_explain(error)) from error
+    broker = settings.broker
+    if broker.visibility_timeout_s <= broker.task_time_limit_s:
+        raise ConfigError(
+            "invalid settings: LOOKALIKE_VISIBILITY_TIMEOUT "
+            f"({broker.visibility_timeout_s}s) must exceed LOOKALIKE_TASK_TIME_LIMIT "
+            f"({broker.task_time_limit_s}s), or running jobs would be delivered twice"
+        )
+    return settings
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process-wide settings, read once."""
+    return load_settings()

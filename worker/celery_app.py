@@ -1,0 +1,98 @@
+"""The worker's Celery app. ``lookalike worker`` loads the engine, then starts consuming.
+
+One worker process holds one CLIP and one index and runs one job at a time (solo pool: no
+IPC between a pool parent and a child, no forking after torch started). Scale by running
+more processes, on this host or others, against the same Redis.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+
+import redis
+from celery import Celery
+from celery.signals import task_postrun, task_prerun
+
+from shared.celery_config import make_celery
+from shared.jobs import JobStore
+from shared.settings import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+
+def redis_client(settings: Settings) -> redis.Redis:
+    return redis.Redis.from_url(
+        settings.broker.redis_url,
+        socket_connect_timeout=3,
+        socket_timeout=10,
+        health_check_interval=10,
+        retry_on_timeout=True,
+    )
+
+
+settings = get_settings()
+app: Celery = make_celery(settings, name="lookalike-worker")
+app.conf.include = ["worker.tasks"]
+
+_store: JobStore | None = None
+
+
+def store() -> JobStore:
+    global _store
+    if _store is None:
+        _store = JobStore(
+            redis_client(settings),
+            prefix=settings.storage.key_prefix,
+            ttl_s=settings.storage.job_ttl_s,
+        )
+    return _store
+
+
+class Watchdog:
+    """Every job ends: one running past the time limit is failed; a wedged worker exits.
+
+    The solo pool cannot enforce Celery's time limits, so this thread does.
+    """
+
+    def __init__(self, limit_s: float) -> None:
+        self.limit_s = limit_s
+        self.current: tuple[str, float] | None = None
+        self._failed: set[str] = set()
+        threading.Thread(target=self._run, name="watchdog", daemon=True).start()
+
+    def _run(self) -> None:
+        while True:
+            time.sleep(1.0)
+            current = self.current
+            if current is None:
+                continue
+            job_id, began = current
+            elapsed = time.monotonic() - began
+            if elapsed > self.limit_s and job_id not in self._failed:
+                self._failed.add(job_id)
+                log.error("job %s: over the %ss time limit, failing it", job_id, self.limit_s)
+                try:
+                    store().fail(job_id, f"The job took longer than {self.limit_s:.0f} s.")
+                except redis.RedisError:
+                    log.exception("job %s: could not record the time-out", job_id)
+            if elapsed > 2 * self.limit_s:
+                log.critical("job %s: worker is wedged, exiting so it can be restarted", job_id)
+                os._exit(70)
+
+
+watchdog: Watchdog | None = None
+
+
+@task_prerun.connect
+def _job_began(task_id: str | None = None, args: tuple[object, ...] = (), **_: object) -> None:
+    if watchdog is not None and args:
+        watchdog.current = (str(args[0]), time.monotonic())
+
+
+@task_postrun.connect
+def _job_ended(**_: object) -> None:
+    if watchdog is not None:
+        watchdog.current = None

@@ -1,0 +1,252 @@
+"""The CLIP image encoder: loading (once, slow) is split from embedding (often, fast).
+
+Only the vision tower and its projection are loaded (``CLIPVisionModelWithProjection``), from
+a hub id or a local directory through ``from_pretrained``. ``random:vit-b-32`` is an explicit
+opt-in that builds a randomly initialised tower of ViT-B/32's exact shape, for offline runs and
+benchmarks: its matches are meaningless, and every result says so.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+import warnings
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+from PIL import Image
+from transformers import (
+    AutoConfig,
+    CLIPConfig,
+    CLIPVisionConfig,
+    CLIPVisionModelWithProjection,
+)
+from transformers.utils import logging as hf_logging
+
+from shared.errors import ModelLoadError
+from shared.schemas import Embeddings
+from shared.settings import RANDOM_MODEL_PREFIX, ModelSettings
+
+try:  # transformers 5: the PIL implementation needs no torchvision
+    from transformers import CLIPImageProcessorPil as _Processor
+except ImportError:  # pragma: no cover - transformers 4
+    from transformers import CLIPImageProcessor as _Processor
+
+log = logging.getLogger(__name__)
+
+RANDOM_SHAPES = {"vit-b-32": {}}  # CLIPVisionConfig's defaults are ViT-B/32's shape
+RANDOM_SEED = 0
+CONVERSION = "lookalike-rgb-v1"  # shared.images.to_rgb; bump when it changes
+EQUIVALENCE_MIN_COSINE = 0.99
+
+
+def resolve_device(requested: str, *, cuda_available: bool, mps_available: bool = False) -> str:
+    """``auto`` means cuda when there is one, then mps, else cpu; anything else as asked."""
+    if requested != "auto":
+        if requested.startswith("cuda") and not cuda_available:
+            raise ModelLoadError(
+                f"LOOKALIKE_DEVICE={requested} but no CUDA device is visible to torch"
+            )
+        return requested
+    if cuda_available:
+        return "cuda"
+    if mps_available:
+        return "mps"
+    return "cpu"
+
+
+def accelerator_dtype(device: str) -> torch.dtype:
+    """fp16 on GPUs (twice the speed, same rankings), fp32 elsewhere."""
+    return torch.float16 if device.startswith("cuda") else torch.float32
+
+
+@dataclass
+class ClipImageEncoder:
+    model_id: str
+    model: torch.nn.Module
+    processor: Any
+    device: str
+    dtype: torch.dtype
+    precision: str
+    is_random: bool
+    notes: list[str] = field(default_factory=list)
+
+    @property
+    def dim(self) -> int:
+        return int(self.model.config.projection_dim)
+
+    @property
+    def preprocessing(self) -> dict[str, Any]:
+        """What turns an image into pixels: part of an index's identity."""
+        config = self.processor.to_dict()
+        keep = (
+            "size",
+            "crop_size",
+            "resample",
+            "image_mean",
+            "image_std",
+            "rescale_factor",
+            "do_resize",
+            "do_center_crop",
+            "do_normalize",
+            "do_rescale",
+            "do_convert_rgb",
+        )
+        return {"conversion": CONVERSION, **{k: config.get(k) for k in keep}}
+
+    @property
+    def preprocessing_digest(self) -> str:
+        text = json.dumps(self.preprocessing, sort_keys=True, default=str)
+        return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+    def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """Preprocess RGB images exactly as CLIP's image processor does."""
+        batch = self.processor(images=list(images), return_tensors="pt")
+        return batch["pixel_values"]
+
+    @torch.inference_mode()
+    def embed_pixels(self, pixel_values: torch.Tensor) -> Embeddings:
+        """One forward pass; returns L2-normalised float32 rows."""
+        x = pixel_values.to(self.device, dtype=self.dtype, non_blocking=True)
+        features = self.model(pixel_values=x).image_embeds.float()
+        features = torch.nn.functional.normalize(features, dim=-1)
+        return np.ascontiguousarray(features.cpu().numpy(), dtype=np.float32)
+
+    def embed(self, images: Sequence[Image.Image]) -> Embeddings:
+        return self.embed_pixels(self.pixels(images))
+
+
+def _load_processor(name: str) -> Any:
+    if name.startswith(RANDOM_MODEL_PREFIX):
+        return _Processor()  # its defaults are OpenAI CLIP's preprocessing
+    return _Processor.from_pretrained(name)
+
+
+def _load_model(name: str) -> torch.nn.Module:
+    if name.startswith(RANDOM_MODEL_PREFIX):
+        shape = name.removeprefix(RANDOM_MODEL_PREFIX)
+        if shape not in RANDOM_SHAPES:
+            known = ", ".join(RANDOM_MODEL_PREFIX + s for s in RANDOM_SHAPES)
+            raise ModelLoadError(f"LOOKALIKE_MODEL={name} is unknown: random models are {known}")
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(RANDOM_SEED)  # every process builds the same weights
+            return CLIPVisionModelWithProjection(CLIPVisionConfig(**RANDOM_SHAPES[shape]))
+    # A full CLIP checkpoint (as on the hub) keeps the projection size at the top level;
+    # the vision tower alone is loaded (its text weights are skipped, on purpose).
+    config = AutoConfig.from_pretrained(name)
+    if isinstance(config, CLIPConfig):
+        vision_config = config.vision_config
+        vision_config.projection_dim = config.projection_dim
+    elif isinstance(config, CLIPVisionConfig):
+        vision_config = config
+    else:
+        raise ModelLoadError(
+            f"LOOKALIKE_MODEL={name} is a {type(config).__name__}, not a CLIP checkpoint"
+        )
+    return CLIPVisionModelWithProjection.from_pretrained(name, config=vision_config)
+
+
+def load_encoder(
+    settings: ModelSettings,
+    *,
+    probe_images: Sequence[Image.Image] = (),
+) -> ClipImageEncoder:
+    """Load CLIP's image tower once; raise :class:`ModelLoadError` naming LOOKALIKE_MODEL.
+
+    On CPU, with ``fast_cpu=auto``, the linear layers are quantised to int8 when the quantised
+    model's embeddings of ``probe_images`` keep cosine >= 0.99 with fp32's; else fp32 stays.
+    """
+    name = settings.name
+    if settings.threads:
+        torch.set_num_threads(settings.threads)
+    started = time.perf_counter()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            verbosity = hf_logging.get_verbosity()
+            hf_logging.set_verbosity_error()  # the skipped text weights are not news
+            hf_logging.disable_progress_bar()
+            try:
+                processor = _load_processor(name)
+                model = _load_model(name)
+            finally:
+                hf_logging.set_verbosity(verbosity)
+                hf_logging.enable_progress_bar()
+    except ModelLoadError:
+        raise
+    except Exception as error:
+        raise ModelLoadError(
+            f"Could not load the CLIP model {name!r}: {_first_line(error)}. Set LOOKALIKE_MODEL "
+            "to a hub id this machine can download or to a local directory saved with "
+            "save_pretrained (LOOKALIKE_MODEL=random:vit-b-32 runs offline, with random "
+            "weights and meaningless matches)."
+        ) from error
+    device = resolve_device(
+        settings.device,
+        cuda_available=torch.cuda.is_available(),
+        mps_available=bool(
+            getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+        ),
+    )
+    dtype = accelerator_dtype(device)
+    model = model.eval().to(device=device, dtype=dtype)
+    encoder = ClipImageEncoder(
+        model_id=name,
+        model=model,
+        processor=processor,
+        device=device,
+        dtype=dtype,
+        precision="fp16" if dtype == torch.float16 else "fp32",
+        is_random=name.startswith(RANDOM_MODEL_PREFIX),
+    )
+    if device == "cpu" and settings.fast_cpu == "auto":
+        _try_int8(encoder, probe_images or _synthetic_probes())
+    log.info(
+        "loaded %s on %s (%s) in %.1fs",
+        name,
+        device,
+        encoder.precision,
+        time.perf_counter() - started,
+    )
+    return encoder
+
+
+def _try_int8(encoder: ClipImageEncoder, probes: Sequence[Image.Image]) -> None:
+    """Switch to int8 dynamic quantisation only if it keeps the embeddings (checked here)."""
+    pixels = encoder.pixels(probes)
+    reference = encoder.embed_pixels(pixels)
+    fp32_model = encoder.model
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        quantised = torch.ao.quantization.quantize_dynamic(
+            fp32_model, {torch.nn.Linear}, dtype=torch.qint8
+        )
+    encoder.model = quantised
+    candidate = encoder.embed_pixels(pixels)
+    worst = float(np.min(np.sum(reference * candidate, axis=1)))
+    if worst >= EQUIVALENCE_MIN_COSINE:
+        encoder.precision = "int8-dynamic"
+        encoder.notes.append(f"int8 kept: min cosine {worst:.4f} vs fp32 on {len(probes)} probes")
+    else:
+        encoder.model = fp32_model
+        encoder.notes.append(f"int8 refused: min cosine {worst:.4f} < {EQUIVALENCE_MIN_COSINE}")
+    log.info(encoder.notes[-1])
+
+
+def _synthetic_probes(count: int = 8) -> list[Image.Image]:
+    rng = np.random.default_rng(0)
+    probes = []
+    for _ in range(count):
+        base = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
+        probes.append(Image.fromarray(base).resize((96, 96), Image.Resampling.BICUBIC))
+    return probes
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip().splitlines()
+    return text[0].rstrip(".") if text else type(error).__name__
