@@ -71,6 +71,7 @@ def save_tiny_clip(directory: Path) -> Path:
             "num_attention_heads": 2,
             "image_size": 224,
             "patch_size": 32,
+            "initializer_factor": 5.0,
         },
         projection_dim=32,
         initializer_factor=5.0,

@@ -39,10 +39,13 @@ except ImportError:  # pragma: no cover - transformers 4
 
 log = logging.getLogger(__name__)
 
-RANDOM_SHAPES = {"vit-b-32": {}}  # CLIPVisionConfig's defaults are ViT-B/32's shape
+# CLIPVisionConfig's defaults are ViT-B/32's shape. The wider initialisation spreads random
+# embeddings apart (the default maps every image to nearly one point); compute is unchanged.
+RANDOM_SHAPES: dict[str, dict[str, Any]] = {"vit-b-32": {"initializer_factor": 5.0}}
 RANDOM_SEED = 0
 CONVERSION = "lookalike-rgb-v1"  # shared.images.to_rgb; bump when it changes
 EQUIVALENCE_MIN_COSINE = 0.99
+INT8_MIN_COSINE = 0.995
 
 
 def resolve_device(requested: str, *, cuda_available: bool, mps_available: bool = False) -> str:
@@ -217,7 +220,12 @@ def load_encoder(
 
 
 def _try_int8(encoder: ClipImageEncoder, probes: Sequence[Image.Image]) -> None:
-    """Switch to int8 dynamic quantisation only if it keeps the embeddings (checked here)."""
+    """Switch to int8 dynamic quantisation only if it keeps the embeddings (checked here).
+
+    Dynamic quantisation scales activations per batch, so an image embedded alone differs
+    from the same image embedded among others: both are compared with fp32, and the worst
+    cosine must reach ``INT8_MIN_COSINE`` (a margin over the 0.99 promised for every image).
+    """
     pixels = encoder.pixels(probes)
     reference = encoder.embed_pixels(pixels)
     fp32_model = encoder.model
@@ -227,14 +235,17 @@ def _try_int8(encoder: ClipImageEncoder, probes: Sequence[Image.Image]) -> None:
             fp32_model, {torch.nn.Linear}, dtype=torch.qint8
         )
     encoder.model = quantised
-    candidate = encoder.embed_pixels(pixels)
-    worst = float(np.min(np.sum(reference * candidate, axis=1)))
-    if worst >= EQUIVALENCE_MIN_COSINE:
+    batched = encoder.embed_pixels(pixels)
+    alone = np.concatenate([encoder.embed_pixels(pixels[i : i + 1]) for i in range(len(pixels))])
+    worst = float(
+        min(np.min(np.sum(reference * batched, axis=1)), np.min(np.sum(reference * alone, axis=1)))
+    )
+    if worst >= INT8_MIN_COSINE:
         encoder.precision = "int8-dynamic"
         encoder.notes.append(f"int8 kept: min cosine {worst:.4f} vs fp32 on {len(probes)} probes")
     else:
         encoder.model = fp32_model
-        encoder.notes.append(f"int8 refused: min cosine {worst:.4f} < {EQUIVALENCE_MIN_COSINE}")
+        encoder.notes.append(f"int8 refused: min cosine {worst:.4f} < {INT8_MIN_COSINE}")
     log.info(encoder.notes[-1])
 
 
