@@ -9,6 +9,7 @@ import gzip
 import struct
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import numpy.typing as npt
@@ -34,7 +35,14 @@ SPLITS = {
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
 KERAS_DIR = Path("~/.keras/datasets/fashion-mnist")
 
-_DTYPES = {0x08: np.uint8, 0x09: np.int8, 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+_DTYPES: dict[int, str | type[np.generic]] = {
+    0x08: np.uint8,
+    0x09: np.int8,
+    0x0B: ">i2",
+    0x0C: ">i4",
+    0x0D: ">f4",
+    0x0E: ">f8",
+}
 
 
 @dataclass(frozen=True)
@@ -62,7 +70,7 @@ def read_idx(path: Path) -> npt.NDArray[np.generic]:
     if len(data) < header:
         raise ValueError(f"{path} is truncated")
     shape = struct.unpack(f">{ndim}I", data[4:header])
-    dtype = np.dtype(_DTYPES[type_code])
+    dtype: np.dtype[Any] = np.dtype(_DTYPES[type_code])
     expected = int(np.prod(shape, dtype=np.int64)) * dtype.itemsize
     if len(data) - header != expected:
         raise ValueError(

@@ -129,7 +129,7 @@ class JobStore:
         record = new_record(job_id, k=k, created_at=now())
         with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self.keys.upload(job_id), upload, ex=self.ttl_s)
-            pipe.hset(self.keys.job(job_id), mapping=record)
+            pipe.hset(self.keys.job(job_id), mapping=record)  # type: ignore[arg-type]
             pipe.expire(self.keys.job(job_id), self.ttl_s)
             pipe.execute()
         job = parse_record(record)
@@ -141,7 +141,7 @@ class JobStore:
 
     def upload(self, job_id: str) -> bytes | None:
         data = self.client.get(self.keys.upload(job_id))
-        return bytes(data) if data is not None else None
+        return data if isinstance(data, bytes) else None
 
     def start(self, job_id: str) -> int:
         """Mark running and count the attempt; -1 if already final, -2 if gone."""
@@ -174,7 +174,7 @@ class AsyncJobStore:
         record = new_record(job_id, k=k, created_at=now())
         async with self.client.pipeline(transaction=True) as pipe:
             pipe.set(self.keys.upload(job_id), upload, ex=self.ttl_s)
-            pipe.hset(self.keys.job(job_id), mapping=record)
+            pipe.hset(self.keys.job(job_id), mapping=record)  # type: ignore[arg-type]
             pipe.expire(self.keys.job(job_id), self.ttl_s)
             await pipe.execute()
         job = parse_record(record)
@@ -193,7 +193,7 @@ class AsyncJobStore:
         names = await self.client.zrangebyscore(self.keys.workers, cutoff, "+inf")
         if not names:
             return []
-        values = await self.client.mget([self.keys.worker(_text(n)) for n in names])
+        values = await self.client.mget([self.keys.worker(_text(n)) for n in names])  # type: ignore[arg-type]
         return [json.loads(v) for v in values if v]
 
 

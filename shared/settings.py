@@ -149,11 +149,11 @@ class ApiSettings(_Group):
 class Settings(BaseModel):
     """The whole configuration; build it with :func:`load_settings`."""
 
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    gallery: GallerySettings = Field(default_factory=GallerySettings)
-    storage: StorageSettings = Field(default_factory=StorageSettings)
-    broker: BrokerSettings = Field(default_factory=BrokerSettings)
-    api: ApiSettings = Field(default_factory=ApiSettings)
+    model: ModelSettings = Field(default_factory=lambda: ModelSettings())
+    gallery: GallerySettings = Field(default_factory=lambda: GallerySettings())
+    storage: StorageSettings = Field(default_factory=lambda: StorageSettings())
+    broker: BrokerSettings = Field(default_factory=lambda: BrokerSettings())
+    api: ApiSettings = Field(default_factory=lambda: ApiSettings())
 
 
 def _explain(error: ValidationError) -> str:

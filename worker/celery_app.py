@@ -86,13 +86,13 @@ class Watchdog:
 watchdog: Watchdog | None = None
 
 
-@task_prerun.connect
+@task_prerun.connect  # type: ignore[untyped-decorator]
 def _job_began(task_id: str | None = None, args: tuple[object, ...] = (), **_: object) -> None:
     if watchdog is not None and args:
         watchdog.current = (str(args[0]), time.monotonic())
 
 
-@task_postrun.connect
+@task_postrun.connect  # type: ignore[untyped-decorator]
 def _job_ended(**_: object) -> None:
     if watchdog is not None:
         watchdog.current = None

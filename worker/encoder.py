@@ -81,7 +81,8 @@ class ClipImageEncoder:
 
     @property
     def dim(self) -> int:
-        return int(self.model.config.projection_dim)
+        config: Any = self.model.config
+        return int(config.projection_dim)
 
     @property
     def preprocessing(self) -> dict[str, Any]:
@@ -110,7 +111,8 @@ class ClipImageEncoder:
     def pixels(self, images: Sequence[Image.Image]) -> torch.Tensor:
         """Preprocess RGB images exactly as CLIP's image processor does."""
         batch = self.processor(images=list(images), return_tensors="pt")
-        return batch["pixel_values"]
+        pixels: torch.Tensor = batch["pixel_values"]
+        return pixels
 
     @torch.inference_mode()
     def embed_pixels(self, pixel_values: torch.Tensor) -> Embeddings:
@@ -138,7 +140,10 @@ def _load_model(name: str) -> torch.nn.Module:
             raise ModelLoadError(f"LOOKALIKE_MODEL={name} is unknown: random models are {known}")
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(RANDOM_SEED)  # every process builds the same weights
-            return CLIPVisionModelWithProjection(CLIPVisionConfig(**RANDOM_SHAPES[shape]))
+            model: torch.nn.Module = CLIPVisionModelWithProjection(
+                CLIPVisionConfig(**RANDOM_SHAPES[shape])
+            )
+            return model
     # A full CLIP checkpoint (as on the hub) keeps the projection size at the top level;
     # the vision tower alone is loaded (its text weights are skipped, on purpose).
     config = AutoConfig.from_pretrained(name)
@@ -151,7 +156,10 @@ def _load_model(name: str) -> torch.nn.Module:
         raise ModelLoadError(
             f"LOOKALIKE_MODEL={name} is a {type(config).__name__}, not a CLIP checkpoint"
         )
-    return CLIPVisionModelWithProjection.from_pretrained(name, config=vision_config)
+    loaded: torch.nn.Module = CLIPVisionModelWithProjection.from_pretrained(
+        name, config=vision_config
+    )
+    return loaded
 
 
 def load_encoder(
@@ -231,7 +239,7 @@ def _try_int8(encoder: ClipImageEncoder, probes: Sequence[Image.Image]) -> None:
     fp32_model = encoder.model
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantised = torch.ao.quantization.quantize_dynamic(
+        quantised = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
             fp32_model, {torch.nn.Linear}, dtype=torch.qint8
         )
     encoder.model = quantised

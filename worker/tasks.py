@@ -15,7 +15,7 @@ from worker.search import run_search_job
 log = logging.getLogger(__name__)
 
 
-@app.task(
+@app.task(  # type: ignore[untyped-decorator]
     name=SEARCH_TASK,
     bind=True,
     acks_late=True,
