@@ -20,6 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from api.events import JobEvents
 from api.limits import BodySizeLimit
 from api.routes import router
+from api.uploads import BAD_K
 from shared.celery_config import make_celery
 from shared.jobs import AsyncJobStore
 from shared.settings import Settings, get_settings
@@ -63,7 +64,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         version="0.1.0",
         lifespan=lifespan,
     )
-    app.add_middleware(BodySizeLimit, max_bytes=settings.storage.max_upload_bytes)
+    app.add_middleware(
+        BodySizeLimit,
+        max_bytes=settings.storage.max_upload_bytes,
+        timeout_s=settings.api.body_timeout_s,
+    )
     app.include_router(router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(RedisConnectionError, _store_down)
@@ -80,8 +85,7 @@ async def _store_down(request: Request, exc: Exception) -> JSONResponse:
 
 # FastAPI's validation errors are lists; lookalike answers one short sentence per field.
 _FIELD_DETAILS = {
-    "k": "k must be a whole number from 1 to 50.",
-    "file": "The request has no 'file' field: send the image as multipart/form-data.",
+    "k": BAD_K,
     "wait": "wait must be a number of seconds, 0 or more.",
 }
 
@@ -95,7 +99,4 @@ async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
         if field in _FIELD_DETAILS:
             detail = _FIELD_DETAILS[field]
             break
-    else:
-        if exc.errors() and exc.errors()[0].get("type") == "missing":
-            detail = _FIELD_DETAILS["file"]
     return JSONResponse({"detail": detail}, status_code=422)

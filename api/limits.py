@@ -2,15 +2,19 @@
 
 A declared ``Content-Length`` over the cap is refused before a byte of the body is read; a
 body without one (chunked) is counted as it streams and refused as soon as it passes the cap.
+A body that takes longer than the deadline to arrive (a client trickling bytes) gets a 408.
 """
 
 from __future__ import annotations
 
+import asyncio
 import json
+import time
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 TOO_LARGE = "The upload is larger than the {limit} limit."
+TOO_SLOW = "The upload was too slow to arrive."
 
 
 def human_size(size: int) -> str:
@@ -21,17 +25,20 @@ def human_size(size: int) -> str:
     return f"{size} bytes"
 
 
-class BodyTooLarge(Exception):
-    pass
+class BodyRefused(Exception):
+    def __init__(self, status: int, detail: str) -> None:
+        self.status = status
+        self.detail = detail
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, *, max_bytes: int) -> None:
+    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float = 60.0) -> None:
         self.app = app
         self.max_bytes = max_bytes
         # Multipart framing and a small form field or two ride on top of the file itself.
         self.max_body = max_bytes + 64 * 1024
-        self.detail = TOO_LARGE.format(limit=human_size(max_bytes))
+        self.timeout_s = timeout_s
+        self.too_large = BodyRefused(413, TOO_LARGE.format(limit=human_size(max_bytes)))
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
@@ -39,28 +46,34 @@ class BodySizeLimit:
             return
         declared = _content_length(scope)
         if declared is not None and declared > self.max_body:
-            await self._refuse(send)
+            await self._refuse(send, self.too_large)
             return
         received = 0
-        overflowed = False
+        refused: BodyRefused | None = None
         started = False
+        deadline = time.monotonic() + self.timeout_s
 
         async def counted_receive() -> Message:
-            nonlocal received, overflowed
-            message = await receive()
+            nonlocal received, refused
+            try:
+                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+            except TimeoutError:
+                refused = BodyRefused(408, TOO_SLOW)
+                raise refused from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
                 if received > self.max_body:
-                    overflowed = True
-                    raise BodyTooLarge
+                    refused = self.too_large
+                    raise refused
             return message
 
         async def guarded_send(message: Message) -> None:
+            # The app may answer its own error once the body read failed: ours replaces it.
             nonlocal started
-            if overflowed:
+            if refused is not None:
                 if not started:
                     started = True
-                    await self._refuse(send)
+                    await self._refuse(send, refused)
                 return
             if message["type"] == "http.response.start":
                 started = True
@@ -68,16 +81,16 @@ class BodySizeLimit:
 
         try:
             await self.app(scope, counted_receive, guarded_send)
-        except BodyTooLarge:
+        except BodyRefused as error:
             if not started:
-                await self._refuse(send)
+                await self._refuse(send, error)
 
-    async def _refuse(self, send: Send) -> None:
-        body = json.dumps({"detail": self.detail}).encode()
+    async def _refuse(self, send: Send, refusal: BodyRefused) -> None:
+        body = json.dumps({"detail": refusal.detail}).encode()
         await send(
             {
                 "type": "http.response.start",
-                "status": 413,
+                "status": refusal.status,
                 "headers": [
                     (b"content-type", b"application/json"),
                     (b"content-length", str(len(body)).encode()),

@@ -8,7 +8,7 @@ import logging
 import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, File, Form, HTTPException, Query, Request, Response, UploadFile
+from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 from kombu.exceptions import OperationalError
@@ -16,6 +16,8 @@ from pydantic import BaseModel
 
 from api.events import RECHECK_S, JobEvents
 from api.limits import TOO_LARGE, human_size
+from api.security import authorise
+from api.uploads import UPLOAD_BODY, read_upload
 from shared.celery_config import SEARCH_TASK
 from shared.errors import ImageRejected
 from shared.images import decode_upload
@@ -27,7 +29,7 @@ log = logging.getLogger(__name__)
 router = APIRouter()
 
 JOB_NOT_FOUND = "Job not found."
-ONE_FILE = "Send exactly one file per job."
+QUEUE_FULL = "Too many jobs are waiting; retry shortly."
 QUEUE_DOWN = "The job queue is unavailable; retry shortly."
 HEARTBEAT_WINDOW_S = 15.0
 
@@ -42,46 +44,45 @@ def _errors(*codes: int) -> dict[int | str, dict[str, Any]]:
     "/jobs",
     status_code=202,
     response_model=Job,
-    responses=_errors(400, 413, 422, 503),
+    responses=_errors(400, 401, 413, 422, 429, 503),
+    openapi_extra=UPLOAD_BODY,
     summary="Submit an image; answers at once with the job to poll",
 )
-async def create_job(
-    request: Request,
-    response: Response,
-    file: Annotated[UploadFile, File(description="The image: JPEG, PNG, WebP, GIF, BMP or TIFF")],
-    k_form: Annotated[int | None, Form(alias="k", ge=1, le=50)] = None,
-    k: K = None,
-) -> Job:
+async def create_job(request: Request, response: Response, k: K = None) -> Job:
     settings: Settings = request.app.state.settings
     store: AsyncJobStore = request.app.state.store
-    form = await request.form()
-    if len(form.getlist("file")) != 1:
-        raise HTTPException(400, ONE_FILE)
-    data = await file.read()
+    owner = authorise(request)
+    upload = await read_upload(request)
     limit = settings.storage.max_upload_bytes
-    if len(data) > limit:
+    if len(upload.data) > limit:
         raise HTTPException(413, TOO_LARGE.format(limit=human_size(limit)))
     try:
-        await run_in_threadpool(decode_upload, data, max_pixels=settings.storage.max_image_pixels)
+        await run_in_threadpool(
+            decode_upload, upload.data, max_pixels=settings.storage.max_image_pixels
+        )
     except ImageRejected as error:
         raise HTTPException(400, str(error)) from None
-    top_k = k if k is not None else (k_form if k_form is not None else settings.gallery.top_k)
+    if await store.queue_length(settings.broker.queue) >= settings.broker.max_queued:
+        raise HTTPException(429, QUEUE_FULL, headers={"Retry-After": "2"})
+    top_k = k if k is not None else (upload.k if upload.k is not None else settings.gallery.top_k)
     job_id = new_job_id()
-    job = await store.create(job_id, upload=data, k=top_k)
+    job = await store.create(job_id, upload=upload.data, k=top_k, owner=owner)
     try:
-        await run_in_threadpool(request.app.state.celery.send_task, SEARCH_TASK, args=[job_id])
+        await run_in_threadpool(
+            request.app.state.celery.send_task, SEARCH_TASK, args=[job_id], task_id=job_id
+        )
     except OperationalError:
         await store.discard(job_id)
         log.warning("job %s: could not enqueue, Redis unavailable", job_id)
         raise HTTPException(503, QUEUE_DOWN, headers={"Retry-After": "5"}) from None
     response.headers["Location"] = f"/jobs/{job_id}"
-    return job
+    return job.public()
 
 
 @router.get(
     "/jobs/{job_id}",
     response_model=Job,
-    responses=_errors(404, 422, 503),
+    responses=_errors(401, 404, 422, 503),
     summary="Read a job; with ?wait=N, wait up to N seconds for it to end",
 )
 async def read_job(
@@ -91,6 +92,7 @@ async def read_job(
         float, Query(ge=0, description="Long poll: seconds to wait for the end (capped)")
     ] = 0.0,
 ) -> Job:
+    owner = authorise(request)
     if not is_job_id(job_id):
         raise HTTPException(404, JOB_NOT_FOUND)
     store: AsyncJobStore = request.app.state.store
@@ -99,11 +101,11 @@ async def read_job(
     with events.watch(job_id) as changed:
         while True:
             job = await store.get(job_id)
-            if job is None:
+            if job is None or job.owner != owner:  # another key's job: as good as absent
                 raise HTTPException(404, JOB_NOT_FOUND)
             remaining = deadline - time.monotonic()
             if job.status.is_final or remaining <= 0:
-                return job
+                return job.public()
             changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=min(remaining, RECHECK_S))
@@ -136,6 +138,7 @@ async def readyz(request: Request) -> Any:
         workers = await store.ready_workers(within_s=HEARTBEAT_WINDOW_S)
     except Exception as error:
         return _not_ready(f"Redis is unreachable ({type(error).__name__}).")
+    # A failed worker's record outlives its process for a while, so its reason can be read.
     ready = [w for w in workers if w.get("state") == "ready"]
     if not ready:
         if workers:

@@ -22,25 +22,33 @@ from shared.schemas import Job, JobResult, JobStatus
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 
-# Start a job: only from queued/running; counts the attempt; returns it, or -1 when final
-# (a redelivered message for an answered job) and -2 when the record is gone.
+# KEYS: the job hash, its events channel, the pending set. ARGV[1] is the job id.
+# Start a job: only from queued/running; counts the attempt and notes the worker; returns
+# the attempt, or -1 when final (a redelivered message for an answered job), -2 when gone.
 _START = """
 local status = redis.call('HGET', KEYS[1], 'status')
-if not status then return -2 end
+if not status then
+  redis.call('ZREM', KEYS[3], ARGV[1])
+  return -2
+end
 if status == 'succeeded' or status == 'failed' then return -1 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[1])
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[3])
+redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 redis.call('PUBLISH', KEYS[2], 'running')
 return attempts
 """
 
 # Finish a job once: the first final status wins, later ones are ignored (returns 0).
+# Every computation is counted, so duplicates (a job computed twice) can be reported.
 _FINISH = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -2 end
+redis.call('HINCRBY', KEYS[1], 'computed', 1)
 if status == 'succeeded' or status == 'failed' then return 0 end
-redis.call('HSET', KEYS[1], 'status', ARGV[1], 'finished_at', ARGV[2], ARGV[3], ARGV[4])
-redis.call('PUBLISH', KEYS[2], ARGV[1])
+redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], ARGV[4], ARGV[5])
+redis.call('ZREM', KEYS[3], ARGV[1])
+redis.call('PUBLISH', KEYS[2], ARGV[2])
 return 1
 """
 
@@ -81,6 +89,15 @@ class Keys:
         return channel.rsplit(":", 1)[-1]
 
     @property
+    def pending(self) -> str:
+        """Sorted set of unfinished job ids, scored by when they were last seen moving."""
+        return f"{self.prefix}:pending"
+
+    @property
+    def reconciler_lock(self) -> str:
+        return f"{self.prefix}:reconciler"
+
+    @property
     def workers(self) -> str:
         return f"{self.prefix}:workers"
 
@@ -88,18 +105,34 @@ class Keys:
         return f"{self.prefix}:worker:{name}"
 
 
-def new_record(job_id: str, *, k: int, created_at: datetime) -> dict[str, str]:
-    return {
+def new_record(
+    job_id: str, *, k: int, created_at: datetime, owner: str | None = None
+) -> dict[str, str]:
+    record = {
         "id": job_id,
         "status": JobStatus.QUEUED.value,
         "k": str(k),
         "created_at": created_at.isoformat(),
         "attempts": "0",
     }
+    if owner:
+        record["owner"] = owner
+    return record
 
 
-def parse_record(raw: Mapping[Any, Any]) -> Job | None:
-    """Turn a Redis hash (bytes or str) into a :class:`Job`; None when it does not exist."""
+class JobRecord(Job):
+    """A job as stored: the public :class:`Job` plus bookkeeping never shown to clients."""
+
+    owner: str | None = None
+    worker: str | None = None
+    computed: int = 0
+
+    def public(self) -> Job:
+        return Job.model_validate(self.model_dump(include=set(Job.model_fields)))
+
+
+def parse_record(raw: Mapping[Any, Any]) -> JobRecord | None:
+    """Turn a Redis hash (bytes or str) into a :class:`JobRecord`; None when it is gone."""
     if not raw:
         return None
     fields = {
@@ -107,12 +140,27 @@ def parse_record(raw: Mapping[Any, Any]) -> Job | None:
         for k, v in raw.items()
     }
     result = fields.pop("result", None)
-    return Job.model_validate(
+    return JobRecord.model_validate(
         {
             **fields,
             "result": JobResult.model_validate_json(result) if result else None,
         }
     )
+
+
+def _stage_create(
+    pipe: Any, keys: Keys, job_id: str, *, upload: bytes, k: int, owner: str | None, ttl_s: int
+) -> JobRecord:
+    """Queue the commands that store a new job on ``pipe`` (sync or async pipeline alike)."""
+    created = now()
+    record = new_record(job_id, k=k, created_at=created, owner=owner)
+    pipe.set(keys.upload(job_id), upload, ex=ttl_s)
+    pipe.hset(keys.job(job_id), mapping=record)
+    pipe.expire(keys.job(job_id), ttl_s)
+    pipe.zadd(keys.pending, {job_id: created.timestamp()})
+    job = parse_record(record)
+    assert job is not None
+    return job
 
 
 class JobStore:
@@ -125,28 +173,27 @@ class JobStore:
         self._start = client.register_script(_START)
         self._finish = client.register_script(_FINISH)
 
-    def create(self, job_id: str, *, upload: bytes, k: int) -> Job:
-        record = new_record(job_id, k=k, created_at=now())
+    def create(self, job_id: str, *, upload: bytes, k: int, owner: str | None = None) -> JobRecord:
         with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.upload(job_id), upload, ex=self.ttl_s)
-            pipe.hset(self.keys.job(job_id), mapping=record)  # type: ignore[arg-type]
-            pipe.expire(self.keys.job(job_id), self.ttl_s)
+            job = _stage_create(
+                pipe, self.keys, job_id, upload=upload, k=k, owner=owner, ttl_s=self.ttl_s
+            )
             pipe.execute()
-        job = parse_record(record)
-        assert job is not None
         return job
 
-    def get(self, job_id: str) -> Job | None:
+    def get(self, job_id: str) -> JobRecord | None:
         return parse_record(self.client.hgetall(self.keys.job(job_id)))
 
     def upload(self, job_id: str) -> bytes | None:
         data = self.client.get(self.keys.upload(job_id))
         return data if isinstance(data, bytes) else None
 
-    def start(self, job_id: str) -> int:
+    def start(self, job_id: str, *, worker: str = "") -> int:
         """Mark running and count the attempt; -1 if already final, -2 if gone."""
-        keys = [self.keys.job(job_id), self.keys.events(job_id)]
-        return int(self._start(keys=keys, args=[now().isoformat()]))
+        moment = now()
+        keys = [self.keys.job(job_id), self.keys.events(job_id), self.keys.pending]
+        args: list[str | float] = [job_id, moment.isoformat(), worker, moment.timestamp()]
+        return int(self._start(keys=keys, args=args))
 
     def succeed(self, job_id: str, result: JobResult) -> bool:
         """Store the result unless the job already ended; True when this call ended it."""
@@ -157,8 +204,8 @@ class JobStore:
         return self._end(job_id, JobStatus.FAILED, "error", error)
 
     def _end(self, job_id: str, status: JobStatus, field: str, value: str) -> bool:
-        keys = [self.keys.job(job_id), self.keys.events(job_id)]
-        args = [status.value, now().isoformat(), field, value]
+        keys = [self.keys.job(job_id), self.keys.events(job_id), self.keys.pending]
+        args = [job_id, status.value, now().isoformat(), field, value]
         return int(self._finish(keys=keys, args=args)) == 1
 
 
@@ -170,22 +217,27 @@ class AsyncJobStore:
         self.keys = Keys(prefix)
         self.ttl_s = ttl_s
 
-    async def create(self, job_id: str, *, upload: bytes, k: int) -> Job:
-        record = new_record(job_id, k=k, created_at=now())
+    async def create(
+        self, job_id: str, *, upload: bytes, k: int, owner: str | None = None
+    ) -> JobRecord:
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.set(self.keys.upload(job_id), upload, ex=self.ttl_s)
-            pipe.hset(self.keys.job(job_id), mapping=record)  # type: ignore[arg-type]
-            pipe.expire(self.keys.job(job_id), self.ttl_s)
+            job = _stage_create(
+                pipe, self.keys, job_id, upload=upload, k=k, owner=owner, ttl_s=self.ttl_s
+            )
             await pipe.execute()
-        job = parse_record(record)
-        assert job is not None
         return job
 
-    async def get(self, job_id: str) -> Job | None:
+    async def get(self, job_id: str) -> JobRecord | None:
         return parse_record(await self.client.hgetall(self.keys.job(job_id)))
 
     async def discard(self, job_id: str) -> None:
-        await self.client.delete(self.keys.job(job_id), self.keys.upload(job_id))
+        async with self.client.pipeline(transaction=True) as pipe:
+            pipe.delete(self.keys.job(job_id), self.keys.upload(job_id))
+            pipe.zrem(self.keys.pending, job_id)
+            await pipe.execute()
+
+    async def queue_length(self, queue: str) -> int:
+        return int(await self.client.llen(queue))
 
     async def ready_workers(self, *, within_s: float) -> list[dict[str, Any]]:
         """The workers whose heartbeat is fresher than ``within_s`` seconds."""

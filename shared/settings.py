@@ -9,12 +9,19 @@ from __future__ import annotations
 
 import os
 import re
+from collections.abc import Mapping
 from functools import lru_cache
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import BaseModel, Field, ValidationError, field_validator
-from pydantic_settings import BaseSettings, SettingsConfigDict
+from pydantic.fields import FieldInfo
+from pydantic_settings import (
+    BaseSettings,
+    EnvSettingsSource,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
 
 from shared.errors import ConfigError
 
@@ -33,10 +40,33 @@ def data_home() -> Path:
     return base / "lookalike"
 
 
+class _AliasOnlyEnv(EnvSettingsSource):
+    """The environment, read through the LOOKALIKE_* aliases only.
+
+    ``populate_by_name`` (so code can write ``ModelSettings(name=...)``) would otherwise make
+    pydantic-settings read bare variables such as ``NAME`` or ``DEVICE`` too.
+    """
+
+    def _extract_field_info(
+        self, field: FieldInfo, field_name: str, model_config: Mapping[str, Any] | None = None
+    ) -> list[tuple[str, str, bool]]:
+        found = super()._extract_field_info(field, field_name, model_config)
+        return [item for item in found if item[0] != field_name]
+
+
 class _Group(BaseSettings):
-    # populate_by_name: code and tests build groups with field names; the environment
-    # is read only through the LOOKALIKE_* aliases.
     model_config = SettingsConfigDict(env_prefix="", extra="ignore", populate_by_name=True)
+
+    @classmethod
+    def settings_customise_sources(
+        cls,
+        settings_cls: type[BaseSettings],
+        init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource,
+        dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        return (init_settings, _AliasOnlyEnv(settings_cls))
 
 
 class ModelSettings(_Group):
@@ -131,6 +161,8 @@ class BrokerSettings(_Group):
     task_time_limit_s: int = Field(120, ge=5, validation_alias="LOOKALIKE_TASK_TIME_LIMIT")
     visibility_timeout_s: int = Field(300, ge=10, validation_alias="LOOKALIKE_VISIBILITY_TIMEOUT")
     max_attempts: int = Field(3, ge=1, le=20, validation_alias="LOOKALIKE_MAX_ATTEMPTS")
+    max_queued: int = Field(1000, ge=1, validation_alias="LOOKALIKE_MAX_QUEUED")
+    stuck_after_s: float = Field(60.0, ge=1, validation_alias="LOOKALIKE_STUCK_AFTER")
 
     @field_validator("redis_url")
     @classmethod
@@ -144,6 +176,21 @@ class BrokerSettings(_Group):
 
 class ApiSettings(_Group):
     max_wait_s: float = Field(30.0, gt=0, le=300, validation_alias="LOOKALIKE_MAX_WAIT")
+    body_timeout_s: float = Field(60.0, gt=0, validation_alias="LOOKALIKE_BODY_TIMEOUT")
+    # Comma-separated; empty means no keys are required (the default, for loopback use).
+    api_keys: str = Field("", validation_alias="LOOKALIKE_API_KEYS", repr=False)
+
+    @field_validator("api_keys")
+    @classmethod
+    def _keys_long_enough(cls, value: str) -> str:
+        keys = [k.strip() for k in value.split(",") if k.strip()]
+        if any(len(k) < 16 for k in keys):
+            raise ValueError("LOOKALIKE_API_KEYS: every key must be at least 16 characters")
+        return ",".join(keys)
+
+    @property
+    def keys(self) -> tuple[str, ...]:
+        return tuple(k for k in self.api_keys.split(",") if k)
 
 
 class Settings(BaseModel):

@@ -22,6 +22,7 @@ log = logging.getLogger(__name__)
 
 BEAT_S = 3.0
 TTL_S = 15
+FAILED_TTL_S = 300
 
 
 def worker_name() -> str:
@@ -53,6 +54,18 @@ class Heartbeat:
 
     def start(self) -> None:
         self._thread.start()
+
+    def fail(self, reason: str) -> None:
+        """Stop beating but leave the reason for /readyz to show for a while."""
+        self._stop.set()
+        self.info.update(state="failed", reason=reason)
+        try:
+            with self.client.pipeline(transaction=False) as pipe:
+                pipe.set(self.keys.worker(self.name), json.dumps(self.info), ex=FAILED_TTL_S)
+                pipe.zadd(self.keys.workers, {self.name: time.time()})
+                pipe.execute()
+        except redis.RedisError as error:
+            log.warning("could not record the failure in Redis: %s", error)
 
     def stop(self) -> None:
         self._stop.set()

@@ -220,7 +220,7 @@ def top_k(
         q = torch.from_numpy(np.ascontiguousarray(queries)).to(matrix.device, matrix.dtype)
         scores = q @ matrix.T
         best, where = torch.topk(scores, k, dim=1, largest=True, sorted=True)
-    clipped = best.float().clamp_(-1.0, 1.0)
+        clipped = best.float().clamp(-1.0, 1.0)
     return clipped.cpu().numpy(), where.cpu().numpy().astype(np.int64)
 
 

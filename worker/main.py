@@ -26,7 +26,7 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO") -> int:
     try:
         engine = get_engine(settings, build_missing=build_missing)
     except LookalikeError as error:
-        heartbeat.stop()
+        heartbeat.fail(str(error))
         print(f"lookalike worker: {error}", file=sys.stderr)
         return 2
     heartbeat.update(

@@ -34,7 +34,7 @@ def run_search_job(
     reason of its own gets ``failed`` and a sentence. Unexpected errors propagate to Celery
     after the job records them, so nothing is swallowed.
     """
-    attempt = store.start(job_id)
+    attempt = store.start(job_id, worker=worker_name)
     if attempt < 0:
         log.info("job %s: already ended or expired, skipping", job_id)
         return
