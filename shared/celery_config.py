@@ -21,6 +21,9 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "broker_transport_options": {
             # An unacknowledged message (its worker died) is handed out again after this.
             "visibility_timeout": broker.visibility_timeout_s,
+            # ...and the sweep that gives such messages back runs every 10 s (default ~100 s).
+            "unacked_restore_interval": 10,
+            "unacked_restore_throttle": 1,
             "socket_connect_timeout": 3,
             "socket_timeout": 10,
             "retry_on_timeout": True,

@@ -135,10 +135,7 @@ def parse_record(raw: Mapping[Any, Any]) -> JobRecord | None:
     """Turn a Redis hash (bytes or str) into a :class:`JobRecord`; None when it is gone."""
     if not raw:
         return None
-    fields = {
-        (k.decode() if isinstance(k, bytes) else k): (v.decode() if isinstance(v, bytes) else v)
-        for k, v in raw.items()
-    }
+    fields = {as_text(k): as_text(v) for k, v in raw.items()}
     result = fields.pop("result", None)
     return JobRecord.model_validate(
         {
@@ -245,9 +242,10 @@ class AsyncJobStore:
         names = await self.client.zrangebyscore(self.keys.workers, cutoff, "+inf")
         if not names:
             return []
-        values = await self.client.mget([self.keys.worker(_text(n)) for n in names])  # type: ignore[arg-type]
+        values = await self.client.mget([self.keys.worker(as_text(n)) for n in names])  # type: ignore[arg-type]
         return [json.loads(v) for v in values if v]
 
 
-def _text(value: bytes | str) -> str:
-    return value.decode() if isinstance(value, bytes) else value
+def as_text(value: object) -> str:
+    """Redis answers bytes; keys and ids are text."""
+    return value.decode() if isinstance(value, bytes) else str(value)

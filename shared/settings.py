@@ -141,7 +141,7 @@ class GallerySettings(_Group):
 
 
 class StorageSettings(_Group):
-    job_ttl_s: int = Field(86_400, ge=60, validation_alias="LOOKALIKE_JOB_TTL")
+    job_ttl_s: int = Field(86_400, ge=1, validation_alias="LOOKALIKE_JOB_TTL")
     max_upload_bytes: int = Field(
         10 * 1024 * 1024,
         ge=1024,

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import logging
 import sys
+import threading
 
+from shared.celery_config import SEARCH_TASK, make_celery
 from shared.errors import LookalikeError
+from shared.settings import Settings
 
 log = logging.getLogger("lookalike.worker")
 
@@ -56,6 +59,7 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO") -> int:
             engine.encoder.model_id,
         )
     celery_app.watchdog = celery_app.Watchdog(settings.broker.task_time_limit_s)
+    stop_reconciler = start_reconciler(settings, name=name)
     try:
         worker = celery_app.app.Worker(
             pool="solo",
@@ -71,4 +75,35 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO") -> int:
         worker.start()
         return int(worker.exitcode or 0)
     finally:
+        stop_reconciler.set()
         heartbeat.stop()
+
+
+def start_reconciler(settings: Settings, *, name: str) -> threading.Event:
+    """Run the reconciler in a daemon thread; set the returned event to stop it."""
+    import worker.celery_app as celery_app
+    from worker.reconciler import Reconciler
+
+    sender = make_celery(settings, name="lookalike-reconciler")
+    queue = settings.broker.queue
+
+    def enqueue(job_id: str) -> None:
+        sender.send_task(SEARCH_TASK, args=[job_id], task_id=job_id, queue=queue)
+
+    reconciler = Reconciler(
+        celery_app.store(),
+        enqueue,
+        queue=queue,
+        stuck_after_s=settings.broker.stuck_after_s,
+        time_limit_s=settings.broker.task_time_limit_s,
+        name=name,
+    )
+    stop = threading.Event()
+    interval = max(1.0, min(10.0, settings.broker.stuck_after_s / 2))
+    threading.Thread(
+        target=reconciler.run_forever,
+        kwargs={"interval_s": interval, "stop": stop},
+        name="reconciler",
+        daemon=True,
+    ).start()
+    return stop

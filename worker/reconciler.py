@@ -1,0 +1,141 @@
+"""The reconciler: every accepted job ends, even when its message was lost.
+
+Messages go missing in ways Celery cannot see: the API dies between storing a job and
+enqueueing it, Redis restarts and loses the last second of its queue, a worker is killed and
+its unacknowledged message waits out the visibility timeout. Every unfinished job id sits in
+the ``pending`` sorted set, scored by when it last moved. One worker at a time (a Redis lock)
+looks at the jobs that have not moved for ``stuck_after_s`` and re-enqueues those that are
+neither waiting in the queue nor held by a live worker. Attempts are counted when a job
+starts, so a job that keeps killing its workers fails after ``max_attempts`` instead of looping.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+import time
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass, field
+
+import redis
+
+from shared.jobs import JobStore, as_text
+from shared.schemas import JobStatus
+
+log = logging.getLogger(__name__)
+
+UNACKED_KEY = "unacked"  # kombu's Redis transport keeps delivered, unacknowledged messages here
+BATCH = 500
+
+
+@dataclass
+class Report:
+    requeued: list[str] = field(default_factory=list)
+    still_moving: int = 0
+    dropped: int = 0
+
+
+def message_ids(raw_messages: Iterable[bytes | str], *, unacked: bool = False) -> set[str]:
+    """Task ids (our job ids) of kombu's JSON messages; unacked entries wrap the message."""
+    ids = set()
+    for raw in raw_messages:
+        try:
+            payload = json.loads(raw)
+            message = payload[0] if unacked else payload
+            ids.add(str(message["headers"]["id"]))
+        except (ValueError, KeyError, IndexError, TypeError):
+            continue
+    return ids
+
+
+class Reconciler:
+    def __init__(
+        self,
+        store: JobStore,
+        enqueue: Callable[[str], None],
+        *,
+        queue: str,
+        stuck_after_s: float,
+        time_limit_s: float,
+        name: str,
+        live_window_s: float = 15.0,
+    ) -> None:
+        self.store = store
+        self.client = store.client
+        self.keys = store.keys
+        self.enqueue = enqueue
+        self.queue = queue
+        self.stuck_after_s = stuck_after_s
+        self.time_limit_s = time_limit_s
+        self.name = name
+        self.live_window_s = live_window_s
+
+    def lead(self, ttl_s: float) -> bool:
+        """Take or keep the reconciler lock; only its holder acts."""
+        lock = self.keys.reconciler_lock
+        ttl_ms = int(ttl_s * 1000)
+        if self.client.set(lock, self.name, nx=True, px=ttl_ms):
+            return True
+        holder = self.client.get(lock)
+        if holder is not None and as_text(holder) == self.name:
+            self.client.pexpire(lock, ttl_ms)
+            return True
+        return False
+
+    def in_flight(self) -> set[str]:
+        """Job ids whose message is waiting in the queue or held, unacknowledged, by a worker."""
+        waiting = message_ids(self.client.lrange(self.queue, 0, -1))
+        held = message_ids(self.client.hvals(UNACKED_KEY), unacked=True)
+        return waiting | held
+
+    def live_workers(self) -> set[str]:
+        cutoff = time.time() - self.live_window_s
+        names = self.client.zrangebyscore(self.keys.workers, cutoff, "+inf")
+        return {as_text(n) for n in names}
+
+    def run_once(self) -> Report:
+        """One sweep over the jobs that have not moved for ``stuck_after_s``."""
+        report = Report()
+        now = time.time()
+        stuck = self.client.zrangebyscore(
+            self.keys.pending, "-inf", now - self.stuck_after_s, start=0, num=BATCH
+        )
+        if not stuck:
+            return report
+        flying = self.in_flight()
+        alive = self.live_workers()
+        for raw_id in stuck:
+            job_id = as_text(raw_id)
+            job = self.store.get(job_id)
+            if job is None or job.status.is_final:
+                self.client.zrem(self.keys.pending, job_id)
+                report.dropped += 1
+                continue
+            if job.status == JobStatus.RUNNING:
+                # Its worker lives and the job is within its time limit: it is computing. A
+                # live worker can also have lost it (its result could not be stored while
+                # Redis was away): past the time limit it is not moving any more.
+                started = job.started_at.timestamp() if job.started_at else 0.0
+                within_limit = now - started < self.time_limit_s + self.stuck_after_s
+                moving = job.worker in alive and within_limit
+            else:
+                moving = job_id in flying  # still waiting its turn in the queue
+            if moving:
+                report.still_moving += 1
+            else:
+                self.enqueue(job_id)
+                report.requeued.append(job_id)
+                log.warning("job %s: %s and stuck, re-enqueued", job_id, job.status.value)
+            self.client.zadd(self.keys.pending, {job_id: now})
+        return report
+
+    def run_forever(self, *, interval_s: float, stop: threading.Event) -> None:
+        while not stop.wait(interval_s):
+            try:
+                if self.lead(ttl_s=interval_s * 3):
+                    self.run_once()
+            except redis.RedisError as error:  # Redis down: try again next round
+                log.warning("reconciler: %s", error)
+            except Exception:
+                log.exception("reconciler sweep failed")
