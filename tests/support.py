@@ -141,6 +141,28 @@ class Stack:
         self.redis = start_redis(self.workdir / "redis")
         self.env["LOOKALIKE_REDIS_URL"] = self.redis.url
 
+    def restart_redis(self, *, down_s: float = 0.0) -> None:
+        """Stop Redis (it writes its append-only file) and start it again on the same port."""
+        assert self.redis is not None
+        port, directory = self.redis.port, self.redis.directory
+        self.redis.stop()
+        time.sleep(down_s)
+        self.redis = start_redis(directory, port=port)
+
+    def kill_worker(self, index: int) -> None:
+        """SIGKILL a worker process: no goodbye, no acknowledgement."""
+        os.killpg(self.workers[index].pid, signal.SIGKILL)
+        self.workers[index].wait()
+
+    def replace_worker(self, index: int) -> None:
+        """Start a new worker in the slot of a dead one, as a supervisor would."""
+        self.workers[index] = self._spawn(f"worker{index}", "worker")
+
+    def worker_name(self, index: int) -> str:
+        import socket
+
+        return f"{socket.gethostname()}:{self.workers[index].pid}"
+
     def start_worker(self) -> subprocess.Popen[bytes]:
         process = self._spawn(f"worker{len(self.workers)}", "worker")
         self.workers.append(process)
@@ -149,6 +171,20 @@ class Stack:
     def start_api(self) -> None:
         self.api_port = free_port()
         self.api = self._spawn("api", "api", "--port", str(self.api_port))
+
+    def wait_api(self, *, timeout: float = 60) -> None:
+        """Wait for the API process to answer /healthz (workers or not)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                if httpx.get(f"{self.url}/healthz", timeout=2).status_code == 200:
+                    return
+            except httpx.HTTPError:
+                pass
+            if self.api is not None and self.api.poll() is not None:
+                raise RuntimeError(f"the API exited early:\n{self.logs()}")
+            time.sleep(0.1)
+        raise RuntimeError(f"the API did not answer in {timeout}s:\n{self.logs()}")
 
     def wait_ready(self, *, workers: int = 1, timeout: float = 120) -> None:
         deadline = time.monotonic() + timeout

@@ -60,3 +60,29 @@ def service(
     )
     yield stack
     stack.stop()
+
+
+FAULT_GALLERY = 200
+FAST_FAULTS = {
+    "LOOKALIKE_MODEL": "random:vit-b-32",
+    "LOOKALIKE_TASK_TIME_LIMIT": "10",
+    "LOOKALIKE_VISIBILITY_TIMEOUT": "20",
+    "LOOKALIKE_STUCK_AFTER": "3",
+}
+
+
+def fault_stack(workdir: Path, data_dir: Path, index: Path, **extra: str) -> Stack:
+    env = base_env(
+        model_dir=Path("unused"), data_dir=data_dir, workdir=workdir, gallery_size=FAULT_GALLERY
+    )
+    env.update(FAST_FAULTS, LOOKALIKE_INDEX_DIR=str(index), **extra)
+    return Stack(env=env, workdir=workdir)
+
+
+@pytest.fixture(scope="session")
+def fault_index(tmp_path_factory: pytest.TempPathFactory, fake_data_dir: Path) -> Path:
+    workdir = tmp_path_factory.mktemp("fault-index")
+    stack = fault_stack(workdir, fake_data_dir, workdir / "index")
+    done = stack.run_cli("index", "build", "--no-progress")
+    assert done.returncode == 0, done.stderr
+    return workdir / "index"
