@@ -40,7 +40,8 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         # dies mid-job gives it back.
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
-        "worker_prefetch_multiplier": 1,
+        # One message at a time without batching; with it, as many as a batch holds.
+        "worker_prefetch_multiplier": settings.worker.batch,
         "task_time_limit": broker.task_time_limit_s,
         "task_soft_time_limit": max(1, broker.task_time_limit_s - 5),
         # Publishing from the API must fail fast (and become a 503) when Redis is down.

@@ -54,6 +54,7 @@ class JobResult(BaseModel):
     gallery: GalleryInfo
     device: str
     worker: str
+    batch_size: int = Field(1, description="Jobs embedded in the same forward pass")
     timings: Timings
 
 

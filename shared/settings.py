@@ -174,6 +174,13 @@ class BrokerSettings(_Group):
         return value
 
 
+class WorkerSettings(_Group):
+    # Jobs waiting together are embedded in one forward pass, up to this many; a worker
+    # holds (prefetches) as many unacknowledged messages, all redelivered if it dies.
+    batch: int = Field(16, ge=1, le=1024, validation_alias="LOOKALIKE_WORKER_BATCH")
+    batch_wait_ms: float = Field(5.0, gt=0, le=1000, validation_alias="LOOKALIKE_BATCH_WAIT_MS")
+
+
 class ApiSettings(_Group):
     max_wait_s: float = Field(30.0, gt=0, le=300, validation_alias="LOOKALIKE_MAX_WAIT")
     body_timeout_s: float = Field(60.0, gt=0, validation_alias="LOOKALIKE_BODY_TIMEOUT")
@@ -200,6 +207,7 @@ class Settings(BaseModel):
     gallery: GallerySettings = Field(default_factory=lambda: GallerySettings())
     storage: StorageSettings = Field(default_factory=lambda: StorageSettings())
     broker: BrokerSettings = Field(default_factory=lambda: BrokerSettings())
+    worker: WorkerSettings = Field(default_factory=lambda: WorkerSettings())
     api: ApiSettings = Field(default_factory=lambda: ApiSettings())
 
 

@@ -11,6 +11,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable
+from typing import Any
 
 import redis
 from celery import Celery
@@ -51,45 +53,66 @@ def store() -> JobStore:
     return _store
 
 
+TIMED_OUT = "The job took longer than {limit:.0f} s."
+
+
 class Watchdog:
     """Every job ends: one running past the time limit is failed; a wedged worker exits.
 
     The solo pool cannot enforce Celery's time limits, so this thread does.
     """
 
-    def __init__(self, limit_s: float) -> None:
+    def __init__(
+        self,
+        limit_s: float,
+        *,
+        fail: Callable[[str, str], object],
+        exit: Callable[[int], object] = os._exit,
+        tick_s: float = 1.0,
+    ) -> None:
         self.limit_s = limit_s
-        self.current: tuple[str, float] | None = None
+        self.fail = fail
+        self.exit = exit
+        self.tick_s = tick_s
+        self.current: tuple[tuple[str, ...], float] | None = None
         self._failed: set[str] = set()
         threading.Thread(target=self._run, name="watchdog", daemon=True).start()
 
     def _run(self) -> None:
         while True:
-            time.sleep(1.0)
-            current = self.current
-            if current is None:
-                continue
-            job_id, began = current
-            elapsed = time.monotonic() - began
-            if elapsed > self.limit_s and job_id not in self._failed:
+            time.sleep(self.tick_s)
+            self.check()
+
+    def check(self) -> None:
+        current = self.current
+        if current is None:
+            return
+        job_ids, began = current
+        elapsed = time.monotonic() - began
+        if elapsed > self.limit_s:
+            for job_id in job_ids:
+                if job_id in self._failed:
+                    continue
                 self._failed.add(job_id)
                 log.error("job %s: over the %ss time limit, failing it", job_id, self.limit_s)
                 try:
-                    store().fail(job_id, f"The job took longer than {self.limit_s:.0f} s.")
+                    self.fail(job_id, TIMED_OUT.format(limit=self.limit_s))
                 except redis.RedisError:
                     log.exception("job %s: could not record the time-out", job_id)
-            if elapsed > 2 * self.limit_s:
-                log.critical("job %s: worker is wedged, exiting so it can be restarted", job_id)
-                os._exit(70)
+        if elapsed > 2 * self.limit_s:
+            log.critical("jobs %s: worker is wedged, exiting to be restarted", ",".join(job_ids))
+            self.exit(70)
 
 
 watchdog: Watchdog | None = None
 
 
 @task_prerun.connect  # type: ignore[untyped-decorator]
-def _job_began(task_id: str | None = None, args: tuple[object, ...] = (), **_: object) -> None:
-    if watchdog is not None and args:
-        watchdog.current = (str(args[0]), time.monotonic())
+def _job_began(task_id: str | None = None, args: Any = (), **_: object) -> None:
+    if watchdog is not None:
+        from worker.tasks import job_ids_of
+
+        watchdog.current = (tuple(job_ids_of(args)), time.monotonic())
 
 
 @task_postrun.connect  # type: ignore[untyped-decorator]

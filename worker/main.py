@@ -58,7 +58,9 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO") -> int:
             "LOOKALIKE_MODEL=%s has random weights: its matches are meaningless",
             engine.encoder.model_id,
         )
-    celery_app.watchdog = celery_app.Watchdog(settings.broker.task_time_limit_s)
+    celery_app.watchdog = celery_app.Watchdog(
+        settings.broker.task_time_limit_s, fail=celery_app.store().fail
+    )
     stop_reconciler = start_reconciler(settings, name=name)
     try:
         worker = celery_app.app.Worker(

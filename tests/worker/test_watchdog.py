@@ -18,14 +18,14 @@ def make(limit_s: float) -> tuple[Watchdog, list[tuple[str, str]], list[int]]:
 
 def test_a_job_within_its_limit_is_left_alone() -> None:
     dog, failed, exits = make(10)
-    dog.current = ("a" * 32, time.monotonic())
+    dog.current = (("a" * 32,), time.monotonic())
     dog.check()
     assert failed == [] and exits == []
 
 
 def test_a_job_past_its_limit_is_failed_once() -> None:
     dog, failed, exits = make(10)
-    dog.current = ("a" * 32, time.monotonic() - 11)
+    dog.current = (("a" * 32,), time.monotonic() - 11)
     dog.check()
     dog.check()
     assert failed == [("a" * 32, TIMED_OUT.format(limit=10))]
@@ -34,7 +34,7 @@ def test_a_job_past_its_limit_is_failed_once() -> None:
 
 def test_a_wedged_worker_exits_so_it_can_be_restarted() -> None:
     dog, failed, exits = make(10)
-    dog.current = ("a" * 32, time.monotonic() - 25)
+    dog.current = (("a" * 32,), time.monotonic() - 25)
     dog.check()
     assert exits == [70]
     assert len(failed) == 1
