@@ -1,4 +1,4 @@
-"""The ``lookalike`` command line: serve, api, worker, index build, query.
+"""The ``lookalike`` command line: serve, api, worker, index build, query, bench.
 
 Every command reads the same ``LOOKALIKE_*`` settings. Heavy imports (torch, the worker) are
 made inside the commands that need them, so ``lookalike api`` and ``lookalike query`` stay light.
@@ -163,6 +163,45 @@ def _detail(reply: Any) -> str:
         return str(reply.text)
 
 
+def cmd_bench(args: argparse.Namespace) -> int:
+    """Load-test a running service over HTTP, or (``--model-only``) time the model here."""
+    for name in ("requests", "concurrency", "batch_size", "repeats"):
+        if getattr(args, name) < 1:
+            return _fail(f"--{name.replace('_', '-')} must be at least 1")
+    if args.warmup < 0 or args.timeout <= 0:
+        return _fail("--warmup must be 0 or more and --timeout more than 0")
+    settings = load_settings()
+    if args.model_only:
+        from worker.bench import DEFAULT_SIZES, format_model_report, run_model_bench
+
+        try:
+            sizes = [int(s) for s in args.sizes.split(",")] if args.sizes else DEFAULT_SIZES
+        except ValueError:
+            return _fail("--sizes is a comma-separated list of row counts")
+        report = run_model_bench(
+            settings, batch_size=args.batch_size, repeats=args.repeats, sizes=sizes
+        )
+        print(format_model_report(report))
+        code = 0
+    else:
+        from shared.bench import bench_service, exit_code, format_summary
+
+        report = bench_service(
+            args.url,
+            requests=args.requests,
+            concurrency=args.concurrency,
+            timeout_s=args.timeout,
+            warmup=args.warmup,
+            data_dir=settings.gallery.data_dir,
+            api_key=args.api_key,
+        )
+        print(format_summary(report))
+        code = exit_code(report)
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return code
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """API + one worker + Redis, on one machine, with nothing but pip packages."""
     from shared.redis_server import start_redis
@@ -283,6 +322,38 @@ def build_parser() -> argparse.ArgumentParser:
     query.add_argument("--timeout", type=float, default=300.0)
     query.add_argument("--json", action="store_true", help="print the raw job as JSON")
     query.set_defaults(func=cmd_query)
+
+    bench = commands.add_parser(
+        "bench", help="load-test a running service, or time the model alone (--model-only)"
+    )
+    bench.add_argument(
+        "--model-only", action="store_true", help="time the encoder and search here, no service"
+    )
+    bench.add_argument(
+        "--url",
+        default=os.environ.get("LOOKALIKE_API_URL", DEFAULT_API_URL),
+        help="the service (default LOOKALIKE_API_URL, else http://127.0.0.1:8000)",
+    )
+    bench.add_argument("--requests", type=int, default=100, help="timed requests (default 100)")
+    bench.add_argument("--concurrency", type=int, default=4, help="requests in flight at once")
+    bench.add_argument(
+        "--timeout", type=float, default=120.0, help="seconds a job may take to end (default 120)"
+    )
+    bench.add_argument("--warmup", type=int, default=1, help="untimed requests first (default 1)")
+    bench.add_argument(
+        "--api-key",
+        default=os.environ.get("LOOKALIKE_API_KEY"),
+        help="sent as a Bearer token (default LOOKALIKE_API_KEY)",
+    )
+    bench.add_argument(
+        "--batch-size", type=int, default=32, help="--model-only: images per batch (default 32)"
+    )
+    bench.add_argument(
+        "--repeats", type=int, default=10, help="--model-only: timed runs per figure (default 10)"
+    )
+    bench.add_argument("--sizes", help=argparse.SUPPRESS)  # synthetic gallery sizes, for tests
+    bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    bench.set_defaults(func=cmd_bench)
     return parser
 
 
