@@ -40,7 +40,13 @@ def _fail(message: str, code: int = 2) -> int:
 def cmd_api(args: argparse.Namespace) -> int:
     import uvicorn
 
-    load_settings()  # refuse bad settings before binding the port
+    settings = load_settings()  # refuse bad settings before binding the port
+    if not settings.api.keys and args.host not in ("127.0.0.1", "localhost", "::1"):
+        print(
+            f"lookalike: warning: serving on {args.host} without API keys; anyone who can "
+            "reach this port can submit jobs. Set LOOKALIKE_API_KEYS for production.",
+            file=sys.stderr,
+        )
     uvicorn.run(
         "api.app:create_app",
         factory=True,

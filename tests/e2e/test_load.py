@@ -1,0 +1,92 @@
+"""Load and backpressure over real HTTP: many concurrent clients, a capped queue.
+
+The test is a short version of the load test recorded in the README; the full one is
+``lookalike bench --requests 2000 --concurrency 50`` against a running service.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import httpx
+import pytest
+
+from api.routes import QUEUE_FULL
+from shared.bench import make_payloads, run_bench, summarise
+from tests.e2e.conftest import fault_stack
+from tests.support import gallery_png
+
+pytestmark = pytest.mark.e2e
+
+
+def test_a_full_queue_answers_429_with_retry_after(
+    tmp_path: Path, fake_data_dir: Path, fault_index: Path
+) -> None:
+    stack = fault_stack(tmp_path, fake_data_dir, fault_index, LOOKALIKE_MAX_QUEUED="3")
+    stack.start_redis()
+    stack.start_api()  # no worker: nothing drains the queue
+    try:
+        stack.wait_api()
+        with httpx.Client(base_url=stack.url, timeout=10) as client:
+            statuses = [
+                client.post("/jobs", files={"file": ("g.png", gallery_png(fake_data_dir, i))})
+                for i in range(4)
+            ]
+    finally:
+        stack.stop()
+    assert [r.status_code for r in statuses] == [202, 202, 202, 429]
+    assert statuses[3].json() == {"detail": QUEUE_FULL}
+    assert int(statuses[3].headers["retry-after"]) > 0
+
+
+def test_fifty_concurrent_clients_get_no_5xx_and_every_accepted_job_ends(
+    tmp_path: Path, fake_data_dir: Path, fault_index: Path
+) -> None:
+    stack = fault_stack(
+        tmp_path,
+        fake_data_dir,
+        fault_index,
+        LOOKALIKE_MAX_QUEUED="5",  # small, so the clients meet the backpressure
+        LOOKALIKE_MODEL="random:vit-b-32",
+    )
+    stack.start_redis()
+    for _ in range(2):
+        stack.start_worker()
+    stack.start_api()
+    try:
+        stack.wait_ready(workers=2)
+        warm, timed, wall = asyncio.run(
+            run_bench(
+                stack.url,
+                make_payloads(fake_data_dir),
+                requests=300,
+                concurrency=50,
+                timeout_s=120,
+            )
+        )
+    finally:
+        stack.stop()
+    summary = summarise(timed, wall_s=wall, url=stack.url, concurrency=50, warmup=len(warm))
+    print(
+        "\nload summary:",
+        {
+            k: summary[k]
+            for k in (
+                "submit_status_codes",
+                "connection_errors",
+                "accepted",
+                "succeeded",
+                "never_ended",
+                "throughput_jobs_per_s",
+                "latency_ms",
+            )
+        },
+    )
+    codes = summary["submit_status_codes"]
+    assert set(codes) <= {"202", "429"}, codes
+    assert summary["connection_errors"] == 0
+    assert summary["poll_errors"] == 0
+    assert summary["accepted"] == summary["succeeded"] == 300
+    assert summary["never_ended"] == 0
+    assert summary["retries_after_429"] > 0, "the clients should have met the queue cap"
