@@ -20,7 +20,7 @@ from redis.exceptions import TimeoutError as RedisTimeoutError
 from api.events import JobEvents
 from api.limits import BodySizeLimit
 from api.routes import router
-from api.uploads import BAD_K
+from api.uploads import BAD_K, BAD_WAIT
 from shared.celery_config import make_celery
 from shared.jobs import AsyncJobStore
 from shared.settings import Settings, get_settings
@@ -86,7 +86,7 @@ async def _store_down(request: Request, exc: Exception) -> JSONResponse:
 # FastAPI's validation errors are lists; lookalike answers one short sentence per field.
 _FIELD_DETAILS = {
     "k": BAD_K,
-    "wait": "wait must be a number of seconds, 0 or more.",
+    "wait": BAD_WAIT,
 }
 
 

@@ -100,13 +100,13 @@ async def read_job(
     deadline = time.monotonic() + min(wait, request.app.state.settings.api.max_wait_s)
     with events.watch(job_id) as changed:
         while True:
+            changed.clear()  # before the read: an end published during the read still wakes us
             job = await store.get(job_id)
             if job is None or job.owner != owner:  # another key's job: as good as absent
                 raise HTTPException(404, JOB_NOT_FOUND)
             remaining = deadline - time.monotonic()
             if job.status.is_final or remaining <= 0:
                 return job.public()
-            changed.clear()
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(changed.wait(), timeout=min(remaining, RECHECK_S))
 

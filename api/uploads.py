@@ -6,6 +6,7 @@ short sentences and the parser's limits fit an image upload (one file, a few sma
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +20,7 @@ TOO_MANY_FIELDS = "The form has too many fields."
 FIELD_TOO_LARGE = "A form field is too large."
 MALFORMED = "The multipart body is malformed."
 BAD_K = "k must be a whole number from 1 to 50."
+BAD_WAIT = "wait must be a number of seconds, 0 or more."
 
 MAX_FIELDS = 16
 MAX_FIELD_BYTES = 16 * 1024
@@ -76,7 +78,8 @@ def _parse_k(values: list[Any]) -> int | None:
     if len(values) > 1 or not isinstance(values[0], str):
         raise HTTPException(422, BAD_K)
     text = values[0].strip()
-    if not text.isdigit() or not 1 <= int(text) <= 50:
+    # ASCII digits only ("²".isdigit() is true), and short, before int() sees it
+    if re.fullmatch(r"[0-9]{1,2}", text) is None or not 1 <= int(text) <= 50:
         raise HTTPException(422, BAD_K)
     return int(text)
 

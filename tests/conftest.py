@@ -7,6 +7,7 @@ import pytest
 import redis
 
 from shared.redis_server import RedisServer, start_redis
+from tests.stacks import built_index, fault_index, service  # noqa: F401 (shared fixtures)
 from tests.support import save_tiny_clip, write_fake_fashion_mnist
 
 

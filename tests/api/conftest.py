@@ -12,14 +12,13 @@ from fastapi.testclient import TestClient
 from api.app import create_app
 from shared.redis_server import RedisServer
 from shared.settings import ApiSettings, BrokerSettings, Settings
-from tests.e2e.conftest import built_index, service  # noqa: F401
 from tests.support import Stack
 
 MakeClient = Callable[..., TestClient]
 
 
 @pytest.fixture
-def http(service: Stack) -> Iterator[httpx.Client]:  # noqa: F811
+def http(service: Stack) -> Iterator[httpx.Client]:
     """An HTTP client on the real API process."""
     with httpx.Client(base_url=service.url, timeout=30) as client:
         yield client

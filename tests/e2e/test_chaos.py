@@ -25,7 +25,7 @@ import redis
 
 from shared.jobs import JobStore
 from shared.redis_server import start_redis
-from tests.e2e.conftest import FAULT_GALLERY, fault_stack
+from tests.stacks import FAULT_GALLERY, fault_stack
 from tests.support import Stack, gallery_png
 
 pytestmark = pytest.mark.e2e

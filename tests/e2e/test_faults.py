@@ -17,7 +17,7 @@ from celery import Celery
 
 from shared.celery_config import SEARCH_TASK
 from shared.jobs import JobStore
-from tests.e2e.conftest import fault_stack
+from tests.stacks import fault_stack
 from tests.support import Stack, gallery_png, wait_job
 from worker.search import TOO_MANY_ATTEMPTS
 

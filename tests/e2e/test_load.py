@@ -14,7 +14,7 @@ import pytest
 
 from api.routes import QUEUE_FULL
 from shared.bench import make_payloads, run_bench, summarise
-from tests.e2e.conftest import fault_stack
+from tests.stacks import fault_stack
 from tests.support import gallery_png
 
 pytestmark = pytest.mark.e2e

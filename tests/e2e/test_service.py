@@ -15,7 +15,7 @@ from celery import Celery
 from shared.celery_config import SEARCH_TASK
 from shared.fashion_mnist import CLASS_NAMES, load_gallery
 from shared.jobs import JobStore
-from tests.e2e.conftest import GALLERY_SIZE, make_stack, started_stack
+from tests.stacks import GALLERY_SIZE, make_stack, started_stack
 from tests.support import ROOT, Stack, gallery_png, wait_job
 from worker.search import UPLOAD_GONE
 

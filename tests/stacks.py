@@ -1,3 +1,5 @@
+"""Real service stacks for the end-to-end and API tests, and their session fixtures."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
