@@ -37,16 +37,7 @@ def started_stack(
 ) -> Stack:
     stack = make_stack(workdir, model_dir, data_dir)
     stack.env["LOOKALIKE_INDEX_DIR"] = str(index)
-    stack.start_redis()
-    for _ in range(workers):
-        stack.start_worker()
-    stack.start_api()
-    try:
-        stack.wait_ready(workers=workers)
-    except Exception:
-        stack.stop()
-        raise
-    return stack
+    return stack.start(workers=workers)
 
 
 @pytest.fixture(scope="session")

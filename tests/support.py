@@ -141,6 +141,22 @@ class Stack:
         self.redis = start_redis(self.workdir / "redis")
         self.env["LOOKALIKE_REDIS_URL"] = self.redis.url
 
+    def start(self, *, workers: int) -> Stack:
+        """Redis, ``workers`` worker processes and the API; wait until they serve."""
+        self.start_redis()
+        for _ in range(workers):
+            self.start_worker()
+        self.start_api()
+        try:
+            if workers:
+                self.wait_ready(workers=workers)
+            else:
+                self.wait_api()
+        except Exception:
+            self.stop()
+            raise
+        return self
+
     def restart_redis(self, *, down_s: float = 0.0) -> None:
         """Stop Redis (it writes its append-only file) and start it again on the same port."""
         assert self.redis is not None

@@ -161,12 +161,8 @@ def test_no_job_is_lost_or_answered_twice_under_chaos(
     tmp_path: Path, fake_data_dir: Path, fault_index: Path
 ) -> None:
     stack = fault_stack(tmp_path, fake_data_dir, fault_index, LOOKALIKE_MAX_ATTEMPTS="6")
-    stack.start_redis()
-    for _ in range(2):
-        stack.start_worker()
-    stack.start_api()
+    stack.start(workers=2)
     try:
-        stack.wait_ready(workers=2)
         report = run_chaos(stack, fake_data_dir, jobs=JOBS, seed=SEED)
     finally:
         stack.stop()

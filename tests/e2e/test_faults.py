@@ -32,15 +32,7 @@ def stack_factory(tmp_path: Path, fake_data_dir: Path, fault_index: Path) -> Ite
         stack = fault_stack(tmp_path / f"s{len(stacks)}", fake_data_dir, fault_index, **extra)
         stack.workdir.mkdir(parents=True)
         stacks.append(stack)
-        stack.start_redis()
-        for _ in range(workers):
-            stack.start_worker()
-        stack.start_api()
-        if workers:
-            stack.wait_ready(workers=workers)
-        else:
-            stack.wait_api()
-        return stack
+        return stack.start(workers=workers)
 
     yield make  # type: ignore[misc]
     for stack in stacks:

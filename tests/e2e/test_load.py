@@ -24,10 +24,8 @@ def test_a_full_queue_answers_429_with_retry_after(
     tmp_path: Path, fake_data_dir: Path, fault_index: Path
 ) -> None:
     stack = fault_stack(tmp_path, fake_data_dir, fault_index, LOOKALIKE_MAX_QUEUED="3")
-    stack.start_redis()
-    stack.start_api()  # no worker: nothing drains the queue
+    stack.start(workers=0)  # no worker: nothing drains the queue
     try:
-        stack.wait_api()
         with httpx.Client(base_url=stack.url, timeout=10) as client:
             statuses = [
                 client.post("/jobs", files={"file": ("g.png", gallery_png(fake_data_dir, i))})
@@ -50,12 +48,8 @@ def test_fifty_concurrent_clients_get_no_5xx_and_every_accepted_job_ends(
         LOOKALIKE_MAX_QUEUED="5",  # small, so the clients meet the backpressure
         LOOKALIKE_MODEL="random:vit-b-32",
     )
-    stack.start_redis()
-    for _ in range(2):
-        stack.start_worker()
-    stack.start_api()
+    stack.start(workers=2)
     try:
-        stack.wait_ready(workers=2)
         warm, timed, wall = asyncio.run(
             run_bench(
                 stack.url,
