@@ -11,7 +11,8 @@ import threading
 import time
 from dataclasses import dataclass
 
-from shared.errors import IndexMismatch
+import numpy as np
+
 from shared.fashion_mnist import CLASS_NAMES, load_gallery
 from shared.settings import Settings
 from worker.encoder import ClipImageEncoder, load_encoder
@@ -47,7 +48,15 @@ def load_engine(settings: Settings, *, build_missing: bool = False) -> Engine:
     gallery = None
     if needs_build:
         gallery = load_gallery(gallery_settings.data_dir, size=gallery_settings.size)
-    probes = gallery_to_images(gallery.images[:8]) if gallery is not None else ()
+    # The int8 start check runs on real gallery images: the gallery's own, or the probes
+    # stored with a built index.
+    stored_probes = directory / "probes.npy"
+    if gallery is not None:
+        probes = gallery_to_images(gallery.images[:8])
+    elif stored_probes.exists():
+        probes = gallery_to_images(np.load(stored_probes))
+    else:
+        probes = []
     encoder = load_encoder(settings.model, probe_images=probes)
     if needs_build:
         assert gallery is not None
@@ -80,10 +89,3 @@ def get_engine(settings: Settings, *, build_missing: bool = False) -> Engine:
             if _engine is None:
                 _engine = load_engine(settings, build_missing=build_missing)
     return _engine
-
-
-def loaded_engine() -> Engine | None:
-    return _engine
-
-
-__all__ = ["Engine", "IndexMismatch", "get_engine", "load_engine", "loaded_engine"]
