@@ -6,6 +6,8 @@ configuration. Run it with ``lookalike api`` (uvicorn).
 
 from __future__ import annotations
 
+import asyncio
+import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
@@ -17,7 +19,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
-from api.events import JobEvents
+from api.events import SHUTDOWN_S, JobEvents
 from api.limits import BodySizeLimit
 from api.routes import router
 from api.uploads import BAD_K, BAD_WAIT
@@ -56,7 +58,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             yield
         finally:
             await events.stop()
-            await client.aclose()
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(client.aclose(), SHUTDOWN_S)
 
     app = FastAPI(
         title="lookalike",

@@ -19,6 +19,7 @@ from shared.jobs import Keys
 log = logging.getLogger(__name__)
 
 RECHECK_S = 1.0
+SHUTDOWN_S = 2.0
 
 
 class JobEvents:
@@ -32,10 +33,10 @@ class JobEvents:
         self._task = asyncio.create_task(self._listen(), name="job-events")
 
     async def stop(self) -> None:
+        """Stop listening; bounded, so a stuck connection cannot hold up shutdown."""
         if self._task is not None:
             self._task.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await self._task
+            await asyncio.wait({self._task}, timeout=SHUTDOWN_S)
 
     @contextlib.contextmanager
     def watch(self, job_id: str):  # type: ignore[no-untyped-def]
@@ -70,4 +71,4 @@ class JobEvents:
                 await asyncio.sleep(1.0)
             finally:
                 with contextlib.suppress(Exception):
-                    await pubsub.aclose()  # type: ignore[no-untyped-call]
+                    await asyncio.wait_for(pubsub.aclose(), SHUTDOWN_S)  # type: ignore[no-untyped-call]
