@@ -11,25 +11,34 @@ import contextlib
 import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import Any
 
+import redis
 import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
+from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
+from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.events import SHUTDOWN_S, JobEvents
+from api.fleet import Fleet
+from api.health import router as health_router
 from api.limits import BodySizeLimit
-from api.routes import router
-from api.uploads import BAD_K, BAD_WAIT
+from api.pages import router as pages_router
+from api.pictures import BAD_INDEX, BAD_SIZE, GalleryImages
+from api.pictures import router as pictures_router
+from api.routes import STORE_DOWN, router
+from api.uploads import BAD_GALLERY, BAD_K, BAD_WAIT
 from shared.celery_config import make_celery
 from shared.jobs import AsyncJobStore
+from shared.metrics import Metrics
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
 
-STORE_DOWN = "The job store is unavailable; retry shortly."
 RETRY_AFTER_S = "5"
 
 
@@ -50,14 +59,25 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         events = JobEvents(client, store.keys)
         events.start()
+        metrics = Metrics(
+            redis.Redis.from_url(
+                settings.broker.redis_url, socket_connect_timeout=2, socket_timeout=5
+            ),
+            prefix=settings.storage.key_prefix,
+        )
+        metrics.start()
         app.state.settings = settings
         app.state.store = store
         app.state.events = events
+        app.state.fleet = Fleet(store)
+        app.state.metrics = metrics
+        app.state.gallery_images = GalleryImages(settings.gallery.index_dir)
         app.state.celery = make_celery(settings, name="lookalike-api")
         try:
             yield
         finally:
             await events.stop()
+            await asyncio.to_thread(metrics.stop)
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.aclose(), SHUTDOWN_S)
 
@@ -70,16 +90,34 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_middleware(
         BodySizeLimit,
         max_bytes=settings.storage.max_upload_bytes,
+        max_files={"/jobs/batch": settings.api.max_batch_files},
         timeout_s=settings.api.body_timeout_s,
     )
     app.include_router(router)
+    app.include_router(pictures_router)
+    app.include_router(health_router)
+    app.include_router(pages_router)
     app.add_exception_handler(RequestValidationError, _validation_error)
+    app.add_exception_handler(StarletteHTTPException, _counted_refusal)
     app.add_exception_handler(RedisConnectionError, _store_down)
     app.add_exception_handler(RedisTimeoutError, _store_down)
     return app
 
 
+def _count_refusal(request: Request, status: int) -> None:
+    metrics: Metrics | None = getattr(request.app.state, "metrics", None)
+    if metrics is not None and request.url.path.startswith("/jobs"):
+        metrics.inc("lookalike_requests_refused_total", {"status": str(status)})
+
+
+async def _counted_refusal(request: Request, exc: Exception) -> Any:
+    assert isinstance(exc, StarletteHTTPException)
+    _count_refusal(request, exc.status_code)
+    return await http_exception_handler(request, exc)
+
+
 async def _store_down(request: Request, exc: Exception) -> JSONResponse:
+    _count_refusal(request, 503)
     log.warning("redis unavailable during %s %s: %s", request.method, request.url.path, exc)
     return JSONResponse(
         {"detail": STORE_DOWN}, status_code=503, headers={"Retry-After": RETRY_AFTER_S}
@@ -90,11 +128,15 @@ async def _store_down(request: Request, exc: Exception) -> JSONResponse:
 _FIELD_DETAILS = {
     "k": BAD_K,
     "wait": BAD_WAIT,
+    "gallery": BAD_GALLERY,
+    "index": BAD_INDEX,
+    "size": BAD_SIZE,
 }
 
 
 async def _validation_error(request: Request, exc: Exception) -> JSONResponse:
     assert isinstance(exc, RequestValidationError)
+    _count_refusal(request, 422)
     detail = "The request is not valid."
     for error in exc.errors():
         loc = [str(part) for part in error.get("loc", ())]

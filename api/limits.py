@@ -14,6 +14,7 @@ import time
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 TOO_LARGE = "The upload is larger than the {limit} limit."
+TOO_LARGE_BATCH = "The upload is larger than {count} files of the {limit} limit."
 TOO_SLOW = "The upload was too slow to arrive."
 
 
@@ -32,21 +33,39 @@ class BodyRefused(Exception):
 
 
 class BodySizeLimit:
-    def __init__(self, app: ASGIApp, *, max_bytes: int, timeout_s: float = 60.0) -> None:
+    def __init__(
+        self,
+        app: ASGIApp,
+        *,
+        max_bytes: int,
+        max_files: dict[str, int] | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
         self.app = app
         self.max_bytes = max_bytes
         # Multipart framing and a small form field or two ride on top of the file itself.
         self.max_body = max_bytes + 64 * 1024
+        # Paths that take several files (POST /jobs/batch) take as many times the cap.
+        self.max_bodies = {
+            path: count * max_bytes + 64 * 1024 for path, count in (max_files or {}).items()
+        }
         self.timeout_s = timeout_s
         self.too_large = BodyRefused(413, TOO_LARGE.format(limit=human_size(max_bytes)))
+        self.batch_too_large = {
+            path: BodyRefused(413, TOO_LARGE_BATCH.format(count=count, limit=human_size(max_bytes)))
+            for path, count in (max_files or {}).items()
+        }
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http" or scope["method"] not in ("POST", "PUT", "PATCH"):
             await self.app(scope, receive, send)
             return
+        path = scope.get("path", "")
+        max_body = self.max_bodies.get(path, self.max_body)
+        too_large = self.batch_too_large.get(path, self.too_large)
         declared = _content_length(scope)
-        if declared is not None and declared > self.max_body:
-            await self._refuse(send, self.too_large)
+        if declared is not None and declared > max_body:
+            await self._refuse(send, too_large)
             return
         received = 0
         refused: BodyRefused | None = None
@@ -62,8 +81,8 @@ class BodySizeLimit:
                 raise refused from None
             if message["type"] == "http.request":
                 received += len(message.get("body", b""))
-                if received > self.max_body:
-                    refused = self.too_large
+                if received > max_body:
+                    refused = too_large
                     raise refused
             return message
 

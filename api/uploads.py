@@ -1,11 +1,13 @@
-"""Reading one image upload out of a multipart request, with tight limits.
+"""Reading a submission (image files or a text, ``k``, ``gallery``) with tight limits.
 
 Parsing is done here rather than by FastAPI's ``File()`` so that every refusal is one of our
-short sentences and the parser's limits fit an image upload (one file, a few small fields).
+short sentences and the parser's limits fit an image upload (few files, a few small fields).
+A text query may also come as JSON: ``{"text": "a red sneaker", "k": 5}``.
 """
 
 from __future__ import annotations
 
+import json
 import re
 from dataclasses import dataclass
 from typing import Any
@@ -14,19 +16,72 @@ from fastapi import HTTPException, Request
 from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
-NO_FILE = "The request has no 'file' field: send the image as multipart/form-data."
-ONE_FILE = "Send exactly one file per job."
+from shared.settings import GALLERY_NAME
+
+NO_FILE = (
+    "The request has no 'file' or 'text' field: send an image as multipart/form-data, "
+    "or a text query."
+)
+ONE_FILE = "Send exactly one file per job (POST /jobs/batch takes several)."
+FILE_OR_TEXT = "Send either a file or a text, not both."
+BATCH_FILES = "Send 1 to {n} images, each in a 'file' field."
+BATCH_NO_TEXT = "POST /jobs/batch takes image files only; send text queries to POST /jobs."
 TOO_MANY_FIELDS = "The form has too many fields."
 FIELD_TOO_LARGE = "A form field is too large."
 MALFORMED = "The multipart body is malformed."
+BAD_JSON = "The JSON body is not an object with a 'text' field."
 BAD_K = "k must be a whole number from 1 to 50."
 BAD_WAIT = "wait must be a number of seconds, 0 or more."
+BAD_TEXT = "text must be 1 to {n} characters."
+BAD_GALLERY = "gallery must be a gallery name (see GET /galleries)."
 
 MAX_FIELDS = 16
 MAX_FIELD_BYTES = 16 * 1024
+MAX_TEXT_CHARS = 1000
 
-# The request body of POST /jobs, for the OpenAPI schema (parsed by hand, see above).
+_FORM_PROPERTIES: dict[str, Any] = {
+    "k": {"type": "integer", "minimum": 1, "maximum": 50, "default": 5},
+    "gallery": {"type": "string", "description": "A gallery name (default: the server's)"},
+}
+
+# The request bodies, for the OpenAPI schema (parsed by hand, see above).
 UPLOAD_BODY: dict[str, Any] = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "properties": {
+                        "file": {
+                            "type": "string",
+                            "format": "binary",
+                            "description": "The image: JPEG, PNG, WebP, GIF, BMP or TIFF",
+                        },
+                        "text": {
+                            "type": "string",
+                            "maxLength": MAX_TEXT_CHARS,
+                            "description": "A text query, instead of a file",
+                        },
+                        **_FORM_PROPERTIES,
+                    },
+                }
+            },
+            "application/json": {
+                "schema": {
+                    "type": "object",
+                    "required": ["text"],
+                    "properties": {
+                        "text": {"type": "string", "maxLength": MAX_TEXT_CHARS},
+                        **_FORM_PROPERTIES,
+                    },
+                }
+            },
+        },
+    }
+}
+
+BATCH_BODY: dict[str, Any] = {
     "requestBody": {
         "required": True,
         "content": {
@@ -36,11 +91,11 @@ UPLOAD_BODY: dict[str, Any] = {
                     "required": ["file"],
                     "properties": {
                         "file": {
-                            "type": "string",
-                            "format": "binary",
-                            "description": "The image: JPEG, PNG, WebP, GIF, BMP or TIFF",
+                            "type": "array",
+                            "items": {"type": "string", "format": "binary"},
+                            "description": "The images, one job each, in order",
                         },
-                        "k": {"type": "integer", "minimum": 1, "maximum": 50, "default": 5},
+                        **_FORM_PROPERTIES,
                     },
                 }
             }
@@ -50,26 +105,67 @@ UPLOAD_BODY: dict[str, Any] = {
 
 
 @dataclass(frozen=True)
-class Upload:
-    data: bytes
+class Submission:
+    files: list[bytes]
+    text: str | None
     k: int | None
+    gallery: str | None
 
 
-async def read_upload(request: Request) -> Upload:
-    """The single file and the optional ``k`` of a multipart request, or an HTTP refusal."""
+async def read_submission(request: Request, *, max_files: int) -> Submission:
+    """The files, text, ``k`` and ``gallery`` of a request, or an HTTP refusal."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type == "application/json":
+        return await _read_json(request)
     try:
-        form = await request.form(max_files=1, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES)
+        form = await request.form(
+            max_files=max_files, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES
+        )
     except StarletteHTTPException as error:
-        raise HTTPException(400, _parser_detail(str(error.detail))) from None
-    files = [v for v in form.getlist("file") if isinstance(v, UploadFile)]
-    others = [v for k, v in form.multi_items() if isinstance(v, UploadFile) and k != "file"]
-    if others or len(files) > 1:
-        raise HTTPException(400, ONE_FILE)
-    if not files:
-        raise HTTPException(422, NO_FILE)
-    data = await files[0].read()
-    await form.close()
-    return Upload(data=data, k=_parse_k(form.getlist("k")))
+        raise HTTPException(400, _parser_detail(str(error.detail), max_files)) from None
+    try:
+        files = [v for v in form.getlist("file") if isinstance(v, UploadFile)]
+        others = [v for k, v in form.multi_items() if isinstance(v, UploadFile) and k != "file"]
+        if others:
+            raise HTTPException(
+                400, ONE_FILE if max_files == 1 else BATCH_FILES.format(n=max_files)
+            )
+        data = [await f.read() for f in files]
+    finally:
+        await form.close()
+    texts = [v for v in form.getlist("text") if isinstance(v, str)]
+    if len(texts) > 1:
+        raise HTTPException(422, BAD_TEXT.format(n=MAX_TEXT_CHARS))
+    return Submission(
+        files=data,
+        text=_parse_text(texts[0]) if texts else None,
+        k=_parse_k(form.getlist("k")),
+        gallery=_parse_gallery(form.getlist("gallery")),
+    )
+
+
+async def _read_json(request: Request) -> Submission:
+    try:
+        body = json.loads(await request.body())
+    except (ValueError, UnicodeDecodeError):
+        raise HTTPException(400, BAD_JSON) from None
+    if not isinstance(body, dict) or not isinstance(body.get("text"), str):
+        raise HTTPException(400, BAD_JSON)
+    k = body.get("k")
+    gallery = body.get("gallery")
+    return Submission(
+        files=[],
+        text=_parse_text(body["text"]),
+        k=None if k is None else _parse_k([k if isinstance(k, str) else json.dumps(k)]),
+        gallery=None if gallery is None else _parse_gallery([gallery]),
+    )
+
+
+def _parse_text(value: str) -> str:
+    text = value.strip()
+    if not 1 <= len(text) <= MAX_TEXT_CHARS:
+        raise HTTPException(422, BAD_TEXT.format(n=MAX_TEXT_CHARS))
+    return text
 
 
 def _parse_k(values: list[Any]) -> int | None:
@@ -84,9 +180,20 @@ def _parse_k(values: list[Any]) -> int | None:
     return int(text)
 
 
-def _parser_detail(message: str) -> str:
+def _parse_gallery(values: list[Any]) -> str | None:
+    if not values:
+        return None
+    if len(values) > 1 or not isinstance(values[0], str):
+        raise HTTPException(422, BAD_GALLERY)
+    name = values[0].strip()
+    if GALLERY_NAME.fullmatch(name) is None:
+        raise HTTPException(422, BAD_GALLERY)
+    return name
+
+
+def _parser_detail(message: str, max_files: int) -> str:
     if message.startswith("Too many files"):
-        return ONE_FILE
+        return ONE_FILE if max_files == 1 else BATCH_FILES.format(n=max_files)
     if message.startswith("Too many fields"):
         return TOO_MANY_FIELDS
     if "exceeded maximum size" in message:

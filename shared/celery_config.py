@@ -10,6 +10,12 @@ from celery import Celery
 from shared.settings import Settings
 
 SEARCH_TASK = "lookalike.search"
+INDEX_CHUNK_TASK = "lookalike.index_chunk"
+
+
+def build_queue(settings: Settings) -> str:
+    """The queue of distributed index builds: apart, so it never counts as waiting jobs."""
+    return f"{settings.broker.queue}.build"
 
 
 def celery_config(settings: Settings) -> dict[str, Any]:
@@ -35,7 +41,10 @@ def celery_config(settings: Settings) -> dict[str, Any]:
         "task_serializer": "json",
         "accept_content": ["json"],
         "task_default_queue": broker.queue,
-        "task_routes": {SEARCH_TASK: {"queue": broker.queue}},
+        "task_routes": {
+            SEARCH_TASK: {"queue": broker.queue},
+            INDEX_CHUNK_TASK: {"queue": build_queue(settings)},
+        },
         # Nothing lost: a message is acknowledged after its job is stored, and a worker that
         # dies mid-job gives it back.
         "task_acks_late": True,

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import signal
 import subprocess
@@ -24,12 +23,18 @@ from shared.settings import get_settings, load_settings
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 
 
-def _setup_logging(level: str = "INFO") -> None:
-    logging.basicConfig(
-        level=level,
-        format="%(asctime)s %(levelname)s %(name)s: %(message)s",
-        stream=sys.stderr,
-    )
+def _setup_logging() -> None:
+    """LOOKALIKE_LOG_LEVEL and LOOKALIKE_LOG_FORMAT; a bad value is reported by the command."""
+    from pydantic import ValidationError
+
+    from shared.logs import setup_logging
+    from shared.settings import LogSettings
+
+    try:
+        log_settings = LogSettings()
+    except ValidationError:
+        log_settings = LogSettings(level="INFO", format="text")
+    setup_logging(level=log_settings.level, fmt=log_settings.format)
 
 
 def _fail(message: str, code: int = 2) -> int:
@@ -68,42 +73,92 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_index_build(args: argparse.Namespace) -> int:
-    from shared.fashion_mnist import load_gallery
-    from worker.encoder import load_encoder
-    from worker.index import build_index, gallery_to_images, index_dir
+    """Embed a gallery (Fashion-MNIST, or a folder with --images) and save its index."""
+    from shared.galleries import FashionMnistSource, FolderSource, GallerySource, scan_folder
+    from shared.settings import FASHION_MNIST, GALLERY_NAME
+    from worker.index import build_index, index_dir, progress_bar
 
     settings = load_settings()
-    size = args.size or settings.gallery.size
     batch_size = args.batch_size or settings.model.batch_size
-    directory = index_dir(
-        settings.gallery.index_dir,
-        gallery=settings.gallery.name,
-        size=size,
-        model_id=settings.model.name,
-    )
+    if batch_size < 1:
+        return _fail("--batch-size must be at least 1")
+    source: GallerySource
+    if args.images:
+        folder = Path(args.images).expanduser()
+        name = args.name or folder.resolve().name.lower()
+        if GALLERY_NAME.fullmatch(name) is None or name == FASHION_MNIST:
+            return _fail(
+                f"{name!r} is not a gallery name for a folder: give --name with lower-case "
+                "letters, digits, '.', '_' and '-' (and not fashion-mnist)"
+            )
+        directory = index_dir(
+            settings.gallery.index_dir, gallery=name, model_id=settings.model.name
+        )
+    else:
+        if args.name and args.name != FASHION_MNIST:
+            return _fail("--name is for a folder gallery: give the folder with --images")
+        size = args.size or settings.gallery.size
+        if not 1 <= size <= 70_000:
+            return _fail("--size must be from 1 to 70000")
+        directory = index_dir(
+            settings.gallery.index_dir,
+            gallery=FASHION_MNIST,
+            model_id=settings.model.name,
+            size=size,
+        )
     if (directory / "manifest.json").exists() and not args.force:
         print(f"index already built at {directory} (use --force to rebuild)")
         return 0
-    gallery = load_gallery(settings.gallery.data_dir, size=size)
-    encoder = load_encoder(settings.model, probe_images=gallery_to_images(gallery.images[:8]))
-    print(
-        f"indexing {len(gallery)} {settings.gallery.name} images with {encoder.model_id} "
-        f"on {encoder.device} ({encoder.precision}), batch {batch_size}",
-        file=sys.stderr,
-    )
-    if encoder.is_random:
-        print(
-            "warning: random weights: the index is for testing and benchmarks only", file=sys.stderr
+    if args.images:
+        bar = progress_bar(total=None, enabled=not args.no_progress, desc="checking files")
+        listing = scan_folder(
+            folder, max_pixels=settings.storage.max_image_pixels, on_file=lambda: bar.update(1)
         )
-    manifest = build_index(
-        encoder,
-        gallery.images,
-        gallery.labels,
-        gallery=settings.gallery.name,
-        directory=directory,
-        batch_size=batch_size,
-        progress=not args.no_progress,
-    )
+        bar.close()
+        for skipped in listing.skipped:
+            print(f"skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
+        source = FolderSource(name, listing, max_pixels=settings.storage.max_image_pixels)
+        classes = ", ".join(source.class_names[:8]) + (
+            ", ..." if len(source.class_names) > 8 else ""
+        )
+        print(
+            f"{folder}: {len(source)} images in {len(source.class_names)} classes ({classes}); "
+            f"{len(listing.skipped)} unreadable skipped, {listing.ignored} other files ignored",
+            file=sys.stderr,
+        )
+    else:
+        source = FashionMnistSource.load(settings.gallery.data_dir, size=size)
+    if args.distributed:
+        from worker.distributed import build_index_distributed
+
+        manifest = build_index_distributed(
+            settings,
+            source,
+            directory=directory,
+            batch_size=batch_size,
+            progress=not args.no_progress,
+        )
+    else:
+        from worker.encoder import load_encoder
+
+        encoder = load_encoder(settings.model, probe_images=source.images(0, 8))
+        print(
+            f"indexing {len(source)} images of {source.name} with {encoder.model_id} "
+            f"on {encoder.device} ({encoder.precision}), batch {batch_size}",
+            file=sys.stderr,
+        )
+        if encoder.is_random:
+            print(
+                "warning: random weights: the index is for testing and benchmarks only",
+                file=sys.stderr,
+            )
+        manifest = build_index(
+            encoder,
+            source,
+            directory=directory,
+            batch_size=batch_size,
+            progress=not args.no_progress,
+        )
     rate = manifest.count / manifest.build_seconds if manifest.build_seconds else 0.0
     print(
         f"index built at {directory}: {manifest.count} images in {manifest.build_seconds:.1f}s "
@@ -113,16 +168,25 @@ def cmd_index_build(args: argparse.Namespace) -> int:
 
 
 def cmd_query(args: argparse.Namespace) -> int:
+    """Submit an image (or --text), wait for the answer, print it; --save writes the picture."""
     import httpx
 
-    path = Path(args.image)
-    if not path.is_file():
-        return _fail(f"{path} is not a file")
+    if (args.image is None) == (args.text is None):
+        return _fail("give an IMAGE file or --text, one of them")
+    if args.image is not None and not Path(args.image).is_file():
+        return _fail(f"{args.image} is not a file")
     params = {"k": str(args.k)} if args.k else {}
+    if args.gallery:
+        params["gallery"] = args.gallery
+    headers = {"Authorization": f"Bearer {args.api_key}"} if args.api_key else {}
     deadline = time.monotonic() + args.timeout
-    with httpx.Client(base_url=args.url, timeout=60) as client:
-        with path.open("rb") as handle:
-            reply = client.post("/jobs", files={"file": (path.name, handle)}, params=params)
+    with httpx.Client(base_url=args.url, timeout=60, headers=headers) as client:
+        if args.image is not None:
+            path = Path(args.image)
+            with path.open("rb") as handle:
+                reply = client.post("/jobs", files={"file": (path.name, handle)}, params=params)
+        else:
+            reply = client.post("/jobs", data={"text": args.text}, params=params)
         if reply.status_code != 202:
             return _fail(f"{reply.status_code}: {_detail(reply)}")
         job = reply.json()
@@ -133,12 +197,19 @@ def cmd_query(args: argparse.Namespace) -> int:
             if reply.status_code != 200:
                 return _fail(f"{reply.status_code}: {_detail(reply)}")
             job = reply.json()
+        if args.save and job["status"] == "succeeded":
+            picture = client.get(f"/jobs/{job['id']}/grid.png")
+            if picture.status_code != 200:
+                return _fail(f"the picture: {picture.status_code}: {_detail(picture)}")
+            Path(args.save).write_bytes(picture.content)
     if args.json:
         print(json.dumps(job, indent=2))
         return 0 if job["status"] == "succeeded" else 1
     if job["status"] == "failed":
         return _fail(f"job {job['id']} failed: {job['error']}", 1)
     print(format_result(job))
+    if args.save:
+        print(f"picture saved to {args.save}")
     return 0
 
 
@@ -206,6 +277,40 @@ def cmd_bench(args: argparse.Namespace) -> int:
     if args.json:
         Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
     return code
+
+
+def cmd_eval(args: argparse.Namespace) -> int:
+    """Label precision@k of the model on Fashion-MNIST, against a raw-pixel baseline."""
+    if not 1 <= args.queries <= 10_000:
+        return _fail("--queries must be from 1 to 10000 (Fashion-MNIST's test split)")
+    if not 1 <= args.k <= 50:
+        return _fail("--k must be from 1 to 50")
+    if args.batch_size is not None and args.batch_size < 1:
+        return _fail("--batch-size must be at least 1")
+    if args.json and not Path(args.json).parent.is_dir():
+        return _fail(f"--json: the folder of {args.json} does not exist")
+    settings = load_settings()
+    size = args.gallery_size
+    if size is None:
+        size = min(settings.gallery.size, 60_000)
+    if not 1 <= size <= 60_000:
+        return _fail("--gallery-size must be from 1 to 60000 (Fashion-MNIST's train split)")
+    if args.k > size:
+        return _fail(f"--k ({args.k}) cannot exceed the gallery size ({size})")
+    from worker.evaluate import format_eval_report, run_eval
+
+    report = run_eval(
+        settings,
+        queries=args.queries,
+        k=args.k,
+        gallery_size=size,
+        batch_size=args.batch_size or settings.model.batch_size,
+        progress=not args.no_progress,
+    )
+    print(format_eval_report(report))
+    if args.json:
+        Path(args.json).write_text(json.dumps(report, indent=2) + "\n")
+    return 0
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -315,14 +420,33 @@ def build_parser() -> argparse.ArgumentParser:
     index = commands.add_parser("index", help="the gallery index")
     index_commands = index.add_subparsers(dest="index_command", required=True)
     build = index_commands.add_parser("build", help="embed the gallery and save the index")
-    build.add_argument("--size", type=int, help="gallery size (default LOOKALIKE_GALLERY_SIZE)")
+    build.add_argument(
+        "--images", metavar="FOLDER", help="index your own images (labels: sub-folder names)"
+    )
+    build.add_argument("--name", help="the gallery's name (default: the folder's name)")
+    build.add_argument(
+        "--size", type=int, help="Fashion-MNIST images (default LOOKALIKE_GALLERY_SIZE)"
+    )
+    build.add_argument(
+        "--distributed",
+        action="store_true",
+        help="spread the work over the running workers (one task per chunk)",
+    )
     build.add_argument("--batch-size", type=int, help="images per forward pass")
     build.add_argument("--force", action="store_true", help="rebuild even if it exists")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(func=cmd_index_build)
 
-    query = commands.add_parser("query", help="submit an image and print its matches")
-    query.add_argument("image")
+    query = commands.add_parser("query", help="submit an image (or --text) and print its matches")
+    query.add_argument("image", nargs="?", help="the image file")
+    query.add_argument("--text", help="a text query instead of an image")
+    query.add_argument("--gallery", help="the gallery to search (default: the server's)")
+    query.add_argument("--save", metavar="PNG", help="write the result picture there")
+    query.add_argument(
+        "--api-key",
+        default=os.environ.get("LOOKALIKE_API_KEY"),
+        help="sent as a Bearer token (default LOOKALIKE_API_KEY)",
+    )
     query.add_argument("--k", type=int, help="how many matches (1..50, default 5)")
     query.add_argument("--url", default=os.environ.get("LOOKALIKE_API_URL", DEFAULT_API_URL))
     query.add_argument("--timeout", type=float, default=300.0)
@@ -360,6 +484,25 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--sizes", help=argparse.SUPPRESS)  # synthetic gallery sizes, for tests
     bench.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     bench.set_defaults(func=cmd_bench)
+
+    evaluate = commands.add_parser(
+        "eval", help="precision@k on Fashion-MNIST's test split, against raw pixels"
+    )
+    evaluate.add_argument(
+        "--queries", type=int, default=1000, help="test images to query (default 1000)"
+    )
+    evaluate.add_argument("--k", type=int, default=5, help="matches per query, 1..50 (default 5)")
+    evaluate.add_argument(
+        "--gallery-size",
+        type=int,
+        help="first train images searched, 1..60000 (default LOOKALIKE_GALLERY_SIZE)",
+    )
+    evaluate.add_argument(
+        "--batch-size", type=int, help="images per forward pass (default LOOKALIKE_BATCH_SIZE)"
+    )
+    evaluate.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
+    evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
+    evaluate.set_defaults(func=cmd_eval)
     return parser
 
 

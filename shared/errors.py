@@ -32,4 +32,9 @@ class ImageRejected(LookalikeError):
 
 
 class JobFailed(LookalikeError):
-    """A job cannot succeed; the sentence is stored in the job record."""
+    """A job cannot succeed; the sentence is stored in the job record, the short ``reason``
+    code (``bad_image``, ``upload_gone``, ``unknown_gallery``...) labels the metrics."""
+
+    def __init__(self, sentence: str, *, reason: str = "rejected") -> None:
+        super().__init__(sentence)
+        self.reason = reason

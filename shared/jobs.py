@@ -11,14 +11,16 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
 
-from shared.schemas import Job, JobResult, JobStatus
+from shared.schemas import Job, JobKind, JobResult, JobStage, JobStatus
+from shared.settings import FASHION_MNIST
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -33,10 +35,20 @@ if not status then
 end
 if status == 'succeeded' or status == 'failed' then return -1 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
-redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[3])
+redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[3],
+  'stage', 'decoding')
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 redis.call('PUBLISH', KEYS[2], 'running')
 return attempts
+"""
+
+# Note a running job's stage (and publish it); a job that ended or expired is left alone, so
+# a late stage can neither reopen a job nor recreate an expired record without its TTL.
+_STAGE = """
+if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
+redis.call('HSET', KEYS[1], 'stage', ARGV[1])
+redis.call('PUBLISH', KEYS[2], ARGV[1])
+return 1
 """
 
 # Finish a job once: the first final status wins, later ones are ignored (returns 0).
@@ -47,6 +59,7 @@ if not status then return -2 end
 redis.call('HINCRBY', KEYS[1], 'computed', 1)
 if status == 'succeeded' or status == 'failed' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], ARGV[4], ARGV[5])
+redis.call('HDEL', KEYS[1], 'stage')
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('PUBLISH', KEYS[2], ARGV[2])
 return 1
@@ -106,18 +119,40 @@ class Keys:
 
 
 def new_record(
-    job_id: str, *, k: int, created_at: datetime, owner: str | None = None
+    job_id: str,
+    *,
+    k: int,
+    created_at: datetime,
+    gallery: str,
+    text: str | None = None,
+    owner: str | None = None,
 ) -> dict[str, str]:
     record = {
         "id": job_id,
         "status": JobStatus.QUEUED.value,
+        "kind": (JobKind.TEXT if text is not None else JobKind.IMAGE).value,
+        "gallery": gallery,
         "k": str(k),
         "created_at": created_at.isoformat(),
         "attempts": "0",
     }
+    if text is not None:
+        record["text"] = text
     if owner:
         record["owner"] = owner
     return record
+
+
+@dataclass(frozen=True)
+class NewJob:
+    """What ``POST /jobs`` accepted: an image upload or a text query, and where to search."""
+
+    job_id: str
+    k: int
+    gallery: str
+    upload: bytes | None = None
+    text: str | None = None
+    owner: str | None = None
 
 
 class JobRecord(Job):
@@ -145,16 +180,24 @@ def parse_record(raw: Mapping[Any, Any]) -> JobRecord | None:
     )
 
 
-def _stage_create(
-    pipe: Any, keys: Keys, job_id: str, *, upload: bytes, k: int, owner: str | None, ttl_s: int
-) -> JobRecord:
+def _stage_create(pipe: Any, keys: Keys, new: NewJob, *, ttl_s: int) -> JobRecord:
     """Queue the commands that store a new job on ``pipe`` (sync or async pipeline alike)."""
+    if (new.upload is None) == (new.text is None):
+        raise ValueError("a job has either an upload or a text")
     created = now()
-    record = new_record(job_id, k=k, created_at=created, owner=owner)
-    pipe.set(keys.upload(job_id), upload, ex=ttl_s)
-    pipe.hset(keys.job(job_id), mapping=record)
-    pipe.expire(keys.job(job_id), ttl_s)
-    pipe.zadd(keys.pending, {job_id: created.timestamp()})
+    record = new_record(
+        new.job_id,
+        k=new.k,
+        created_at=created,
+        gallery=new.gallery,
+        text=new.text,
+        owner=new.owner,
+    )
+    if new.upload is not None:
+        pipe.set(keys.upload(new.job_id), new.upload, ex=ttl_s)
+    pipe.hset(keys.job(new.job_id), mapping=record)
+    pipe.expire(keys.job(new.job_id), ttl_s)
+    pipe.zadd(keys.pending, {new.job_id: created.timestamp()})
     job = parse_record(record)
     assert job is not None
     return job
@@ -168,13 +211,22 @@ class JobStore:
         self.keys = Keys(prefix)
         self.ttl_s = ttl_s
         self._start = client.register_script(_START)
+        self._stage = client.register_script(_STAGE)
         self._finish = client.register_script(_FINISH)
 
-    def create(self, job_id: str, *, upload: bytes, k: int, owner: str | None = None) -> JobRecord:
+    def create(
+        self,
+        job_id: str,
+        *,
+        k: int,
+        upload: bytes | None = None,
+        text: str | None = None,
+        gallery: str = FASHION_MNIST,
+        owner: str | None = None,
+    ) -> JobRecord:
+        new = NewJob(job_id, k=k, gallery=gallery, upload=upload, text=text, owner=owner)
         with self.client.pipeline(transaction=True) as pipe:
-            job = _stage_create(
-                pipe, self.keys, job_id, upload=upload, k=k, owner=owner, ttl_s=self.ttl_s
-            )
+            job = _stage_create(pipe, self.keys, new, ttl_s=self.ttl_s)
             pipe.execute()
         return job
 
@@ -191,6 +243,19 @@ class JobStore:
         keys = [self.keys.job(job_id), self.keys.events(job_id), self.keys.pending]
         args: list[str | float] = [job_id, moment.isoformat(), worker, moment.timestamp()]
         return int(self._start(keys=keys, args=args))
+
+    def set_stage(self, job_ids: Sequence[str], stage: JobStage) -> None:
+        """Note the stage of running jobs, in one round trip for all."""
+        if not job_ids:
+            return
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                self._stage(
+                    keys=[self.keys.job(job_id), self.keys.events(job_id)],
+                    args=[stage.value],
+                    client=pipe,
+                )
+            pipe.execute()
 
     def succeed(self, job_id: str, result: JobResult) -> bool:
         """Store the result unless the job already ended; True when this call ended it."""
@@ -214,23 +279,25 @@ class AsyncJobStore:
         self.keys = Keys(prefix)
         self.ttl_s = ttl_s
 
-    async def create(
-        self, job_id: str, *, upload: bytes, k: int, owner: str | None = None
-    ) -> JobRecord:
+    async def create(self, jobs: Sequence[NewJob]) -> list[JobRecord]:
+        """Store new jobs (one, or a batch) in one transaction."""
         async with self.client.pipeline(transaction=True) as pipe:
-            job = _stage_create(
-                pipe, self.keys, job_id, upload=upload, k=k, owner=owner, ttl_s=self.ttl_s
-            )
+            records = [_stage_create(pipe, self.keys, new, ttl_s=self.ttl_s) for new in jobs]
             await pipe.execute()
-        return job
+        return records
+
+    async def upload(self, job_id: str) -> bytes | None:
+        data = await self.client.get(self.keys.upload(job_id))
+        return data if isinstance(data, bytes) else None
 
     async def get(self, job_id: str) -> JobRecord | None:
         return parse_record(await self.client.hgetall(self.keys.job(job_id)))
 
-    async def discard(self, job_id: str) -> None:
+    async def discard(self, job_ids: Sequence[str]) -> None:
         async with self.client.pipeline(transaction=True) as pipe:
-            pipe.delete(self.keys.job(job_id), self.keys.upload(job_id))
-            pipe.zrem(self.keys.pending, job_id)
+            for job_id in job_ids:
+                pipe.delete(self.keys.job(job_id), self.keys.upload(job_id))
+                pipe.zrem(self.keys.pending, job_id)
             await pipe.execute()
 
     async def queue_length(self, queue: str) -> int:

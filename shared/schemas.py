@@ -24,17 +24,55 @@ class JobStatus(StrEnum):
         return self in (JobStatus.SUCCEEDED, JobStatus.FAILED)
 
 
+class JobKind(StrEnum):
+    IMAGE = "image"
+    TEXT = "text"
+
+
+class JobStage(StrEnum):
+    """Where a running job is: decoding its upload, embedding it, searching the gallery."""
+
+    DECODING = "decoding"
+    EMBEDDING = "embedding"
+    SEARCHING = "searching"
+
+
 class Match(BaseModel):
     rank: int = Field(description="1 for the closest match")
     index: int = Field(description="Position of the image in the gallery")
     label: int = Field(description="Class number of the gallery image")
     label_name: str = Field(description="Class name, e.g. 'Sneaker'")
     score: float = Field(ge=-1.0, le=1.0, description="Cosine similarity")
+    image_url: str = Field("", description="The gallery image, as a PNG (add &size=N to scale)")
+    path: str | None = Field(
+        None, description="The image's file, relative to its folder (own galleries only)"
+    )
 
 
 class GalleryInfo(BaseModel):
     name: str
     size: int
+
+
+class GallerySummary(BaseModel):
+    """A gallery some ready worker can search."""
+
+    name: str
+    size: int = Field(description="Images in the gallery")
+    model: str = Field(description="The CLIP checkpoint its index was built with")
+    kind: str = Field(description="fashion-mnist, or folder for a gallery of your own images")
+    classes: list[str] = Field(description="Class names, from sub-folder names for own galleries")
+    default: bool = Field(description="Jobs that name no gallery search this one")
+
+
+class Galleries(BaseModel):
+    default: str
+    galleries: list[GallerySummary]
+
+
+def gallery_image_url(gallery: str, index: int) -> str:
+    """Where the API serves gallery image ``index`` of ``gallery``."""
+    return f"/gallery/{index}.png?gallery={gallery}"
 
 
 class Timings(BaseModel):
@@ -63,7 +101,11 @@ class Job(BaseModel):
 
     id: str
     status: JobStatus
+    kind: JobKind = Field(JobKind.IMAGE, description="image: an upload; text: a text query")
+    text: str | None = Field(None, description="The text query of a text job")
+    gallery: str = Field(description="The gallery searched")
     k: int
+    stage: JobStage | None = Field(None, description="While running: what the worker is doing")
     created_at: datetime
     started_at: datetime | None = None
     finished_at: datetime | None = None

@@ -29,6 +29,9 @@ DEFAULT_MODEL = "openai/clip-vit-base-patch32"
 RANDOM_MODEL_PREFIX = "random:"
 DEFAULT_GALLERY_SIZE = 2000
 FASHION_MNIST_SIZE = 70_000
+FASHION_MNIST = "fashion-mnist"
+# Gallery names travel in URLs, Redis keys and folder names: keep them plain.
+GALLERY_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
 
 def data_home() -> Path:
@@ -75,6 +78,8 @@ class ModelSettings(_Group):
     batch_size: int = Field(32, ge=1, le=4096, validation_alias="LOOKALIKE_BATCH_SIZE")
     threads: int = Field(0, ge=0, le=512, validation_alias="LOOKALIKE_THREADS")
     fast_cpu: Literal["auto", "off"] = Field("auto", validation_alias="LOOKALIKE_FAST_CPU")
+    # The text tower (and tokenizer) is loaded only when text search is on.
+    text_search: Literal["on", "off"] = Field("on", validation_alias="LOOKALIKE_TEXT_SEARCH")
 
     @field_validator("name")
     @classmethod
@@ -100,7 +105,7 @@ class ModelSettings(_Group):
 
 
 class GallerySettings(_Group):
-    name: str = Field("fashion-mnist", validation_alias="LOOKALIKE_GALLERY")
+    name: str = Field(FASHION_MNIST, validation_alias="LOOKALIKE_GALLERY")
     size: int = Field(
         DEFAULT_GALLERY_SIZE,
         ge=1,
@@ -115,10 +120,11 @@ class GallerySettings(_Group):
 
     @field_validator("name")
     @classmethod
-    def _known_gallery(cls, value: str) -> str:
-        if value != "fashion-mnist":
+    def _plain_gallery_name(cls, value: str) -> str:
+        if GALLERY_NAME.fullmatch(value) is None:
             raise ValueError(
-                f"LOOKALIKE_GALLERY={value!r} is unknown: the gallery is fashion-mnist"
+                f"LOOKALIKE_GALLERY={value!r} is not a gallery name: use lower-case letters, "
+                "digits, '.', '_' and '-' (at most 64), e.g. fashion-mnist"
             )
         return value
 
@@ -184,6 +190,7 @@ class WorkerSettings(_Group):
 class ApiSettings(_Group):
     max_wait_s: float = Field(30.0, gt=0, le=300, validation_alias="LOOKALIKE_MAX_WAIT")
     body_timeout_s: float = Field(60.0, gt=0, validation_alias="LOOKALIKE_BODY_TIMEOUT")
+    max_batch_files: int = Field(16, ge=1, le=256, validation_alias="LOOKALIKE_MAX_BATCH_FILES")
     # Comma-separated; empty means no keys are required (the default, for loopback use).
     api_keys: str = Field("", validation_alias="LOOKALIKE_API_KEYS", repr=False)
 
@@ -200,6 +207,24 @@ class ApiSettings(_Group):
         return tuple(k for k in self.api_keys.split(",") if k)
 
 
+class LogSettings(_Group):
+    level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = Field(
+        "INFO", validation_alias="LOOKALIKE_LOG_LEVEL"
+    )
+    # text: one readable line per event; json: one JSON object per line (for log shippers).
+    format: Literal["text", "json"] = Field("text", validation_alias="LOOKALIKE_LOG_FORMAT")
+
+    @field_validator("level", "format", mode="before")
+    @classmethod
+    def _case_insensitive(cls, value: object) -> object:
+        if not isinstance(value, str):
+            return value
+        return value.strip().upper() if value.strip().upper() in _LEVELS else value.strip().lower()
+
+
+_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+
+
 class Settings(BaseModel):
     """The whole configuration; build it with :func:`load_settings`."""
 
@@ -209,6 +234,7 @@ class Settings(BaseModel):
     broker: BrokerSettings = Field(default_factory=lambda: BrokerSettings())
     worker: WorkerSettings = Field(default_factory=lambda: WorkerSettings())
     api: ApiSettings = Field(default_factory=lambda: ApiSettings())
+    log: LogSettings = Field(default_factory=lambda: LogSettings())
 
 
 def _explain(error: ValidationError) -> str:

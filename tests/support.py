@@ -55,6 +55,7 @@ def save_tiny_clip(directory: Path) -> Path:
     from transformers import CLIPConfig, CLIPModel
 
     from worker.encoder import _Processor
+    from worker.text_encoder import byte_level_tokenizer
 
     config = CLIPConfig(
         text_config={
@@ -79,6 +80,7 @@ def save_tiny_clip(directory: Path) -> Path:
     torch.manual_seed(0)
     CLIPModel(config).save_pretrained(directory)
     _Processor().save_pretrained(directory)
+    byte_level_tokenizer().save_pretrained(directory)  # a real checkpoint ships its vocabulary
     # Hub checkpoints name the processor class like this; loading must cope.
     path = directory / "preprocessor_config.json"
     processor = json.loads(path.read_text())

@@ -228,7 +228,7 @@ def test_services_wait_for_healthy_redis_and_restart(services: dict[str, Any], n
 
 
 def test_api_publishes_its_port_and_probes_healthz(services: dict[str, Any]) -> None:
-    from api.routes import router
+    from api.health import router
 
     api = services["api"]
     args = build_parser().parse_args(api["command"][1:])
@@ -268,6 +268,15 @@ def test_index_and_model_cache_are_named_volumes(
     assert service["environment"]["LOOKALIKE_INDEX_DIR"] == INDEX_DIR
     assert service["environment"]["HF_HOME"] == HF_HOME
     assert {mounts[INDEX_DIR], mounts[HF_HOME]} <= set(compose["volumes"])
+
+
+def test_api_reads_the_workers_index_read_only(
+    services: dict[str, Any], compose: dict[str, Any]
+) -> None:
+    # The API shows gallery images from the index's thumbnails: same volume, never written.
+    api, worker = services["api"], services["worker"]
+    assert api["environment"]["LOOKALIKE_INDEX_DIR"] == INDEX_DIR
+    assert f"{volume_mounts(worker)[INDEX_DIR]}:{INDEX_DIR}:ro" in api["volumes"]
 
 
 def test_indexer_is_a_setup_step_sharing_the_workers_index(services: dict[str, Any]) -> None:

@@ -24,9 +24,16 @@ from PIL import Image
 
 from shared.errors import IndexMismatch
 from shared.fashion_mnist import load_gallery
-from shared.settings import FASHION_MNIST_SIZE, GallerySettings, ModelSettings, Settings
+from shared.settings import (
+    FASHION_MNIST,
+    FASHION_MNIST_SIZE,
+    GallerySettings,
+    ModelSettings,
+    Settings,
+)
 from worker.encoder import ClipImageEncoder, load_encoder
-from worker.index import STORED_DTYPE, gallery_to_images, index_dir, load_index, top_k
+from worker.engine import default_index_dir
+from worker.index import STORED_DTYPE, gallery_to_images, load_index, top_k
 
 DEFAULT_SIZES = (10_000, 70_000, 1_000_000)
 COMPARE_IMAGES = 64
@@ -195,13 +202,12 @@ def gallery_search(
 ) -> dict[str, Any]:
     """Search the built index of these settings; synthetic rows of its size when none is."""
     gallery = settings.gallery
-    directory = index_dir(
-        gallery.index_dir, gallery=gallery.name, size=gallery.size, model_id=settings.model.name
-    )
+    directory = default_index_dir(settings)
     note = f"no index at {directory}: synthetic rows of the gallery size"
     if (directory / "manifest.json").exists():
         try:
-            index = load_index(directory, encoder, gallery=gallery.name, size=gallery.size)
+            size = gallery.size if gallery.name == FASHION_MNIST else None
+            index = load_index(directory, encoder, gallery=gallery.name, size=size)
         except IndexMismatch as error:
             note = f"the index was refused ({error}): synthetic rows of the gallery size"
         else:
@@ -271,10 +277,7 @@ def startup_probe() -> None:
     settings = Settings(
         model=ModelSettings(**data["model"]), gallery=GallerySettings(**data["gallery"])
     )
-    gallery = settings.gallery
-    directory = index_dir(
-        gallery.index_dir, gallery=gallery.name, size=gallery.size, model_id=settings.model.name
-    )
+    directory = default_index_dir(settings)
     result: dict[str, Any]
     if (directory / "manifest.json").exists():
         try:

@@ -18,8 +18,9 @@ import redis
 from celery import Celery
 from celery.signals import task_postrun, task_prerun
 
-from shared.celery_config import make_celery
+from shared.celery_config import SEARCH_TASK, make_celery
 from shared.jobs import JobStore
+from shared.metrics import Metrics
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -51,6 +52,17 @@ def store() -> JobStore:
             ttl_s=settings.storage.job_ttl_s,
         )
     return _store
+
+
+_metrics: Metrics | None = None
+
+
+def metrics() -> Metrics:
+    """This process's metrics, flushed to Redis every second once started (worker.main)."""
+    global _metrics
+    if _metrics is None:
+        _metrics = Metrics(redis_client(settings), prefix=settings.storage.key_prefix)
+    return _metrics
 
 
 TIMED_OUT = "The job took longer than {limit:.0f} s."
@@ -108,11 +120,13 @@ watchdog: Watchdog | None = None
 
 
 @task_prerun.connect  # type: ignore[untyped-decorator]
-def _job_began(task_id: str | None = None, args: Any = (), **_: object) -> None:
+def _job_began(sender: Any = None, task_id: str | None = None, args: Any = (), **_: object) -> None:
     if watchdog is not None:
         from worker.tasks import job_ids_of
 
-        watchdog.current = (tuple(job_ids_of(args)), time.monotonic())
+        # Only search tasks carry job ids; any task that wedges the worker makes it exit.
+        jobs = job_ids_of(args) if getattr(sender, "name", None) == SEARCH_TASK else []
+        watchdog.current = (tuple(jobs), time.monotonic())
 
 
 @task_postrun.connect  # type: ignore[untyped-decorator]

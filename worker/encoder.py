@@ -166,11 +166,13 @@ def load_encoder(
     settings: ModelSettings,
     *,
     probe_images: Sequence[Image.Image] = (),
+    probe_pixels: torch.Tensor | None = None,
 ) -> ClipImageEncoder:
     """Load CLIP's image tower once; raise :class:`ModelLoadError` naming LOOKALIKE_MODEL.
 
     On CPU, with ``fast_cpu=auto``, the linear layers are quantised to int8 when the quantised
-    model's embeddings of ``probe_images`` keep cosine >= 0.99 with fp32's; else fp32 stays.
+    model's embeddings of the probes (gallery images, or an index's stored probe pixels) keep
+    cosine >= 0.995 with fp32's; else fp32 stays.
     """
     name = settings.name
     if settings.threads:
@@ -216,7 +218,9 @@ def load_encoder(
         is_random=name.startswith(RANDOM_MODEL_PREFIX),
     )
     if device == "cpu" and settings.fast_cpu == "auto":
-        _try_int8(encoder, probe_images or _synthetic_probes())
+        if probe_pixels is None:
+            probe_pixels = encoder.pixels(probe_images or _synthetic_probes())
+        _try_int8(encoder, probe_pixels)
     log.info(
         "loaded %s on %s (%s) in %.1fs",
         name,
@@ -227,14 +231,13 @@ def load_encoder(
     return encoder
 
 
-def _try_int8(encoder: ClipImageEncoder, probes: Sequence[Image.Image]) -> None:
+def _try_int8(encoder: ClipImageEncoder, pixels: torch.Tensor) -> None:
     """Switch to int8 dynamic quantisation only if it keeps the embeddings (checked here).
 
     Dynamic quantisation scales activations per batch, so an image embedded alone differs
     from the same image embedded among others: both are compared with fp32, and the worst
     cosine must reach ``INT8_MIN_COSINE`` (a margin over the 0.99 promised for every image).
     """
-    pixels = encoder.pixels(probes)
     reference = encoder.embed_pixels(pixels)
     fp32_model = encoder.model
     with warnings.catch_warnings():
@@ -250,7 +253,7 @@ def _try_int8(encoder: ClipImageEncoder, probes: Sequence[Image.Image]) -> None:
     )
     if worst >= INT8_MIN_COSINE:
         encoder.precision = "int8-dynamic"
-        encoder.notes.append(f"int8 kept: min cosine {worst:.4f} vs fp32 on {len(probes)} probes")
+        encoder.notes.append(f"int8 kept: min cosine {worst:.4f} vs fp32 on {len(pixels)} probes")
     else:
         encoder.model = fp32_model
         encoder.notes.append(f"int8 refused: min cosine {worst:.4f} < {INT8_MIN_COSINE}")

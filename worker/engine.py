@@ -1,7 +1,10 @@
-"""The heavy resource of a worker process: CLIP and the gallery index, loaded once.
+"""The heavy resource of a worker process: CLIP and the gallery indexes, loaded once.
 
-``get_engine()`` loads under a lock on first use (or at process start, see worker.celery_app)
-and every task reuses the result. Loading is split from predicting: ``Engine`` only answers.
+``get_engine()`` loads under a lock on first use (or at process start, see worker.main) and
+every task reuses the result. Loading is split from predicting: ``Engine`` only answers.
+
+A worker serves its default gallery (``LOOKALIKE_GALLERY``; Fashion-MNIST is built on first
+start with ``--build-index``) and every own gallery built for its model under the index root.
 """
 
 from __future__ import annotations
@@ -9,76 +12,129 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
 
-import numpy as np
-
-from shared.fashion_mnist import CLASS_NAMES, load_gallery
-from shared.settings import Settings
+from shared.errors import IndexMismatch, JobFailed
+from shared.galleries import FashionMnistSource, read_manifest
+from shared.settings import FASHION_MNIST, Settings
 from worker.encoder import ClipImageEncoder, load_encoder
-from worker.index import GalleryIndex, build_index, gallery_to_images, index_dir, load_index
+from worker.index import (
+    GalleryIndex,
+    build_index,
+    index_dir,
+    load_index,
+    load_probe_pixels,
+    own_gallery_dirs,
+)
+from worker.text_encoder import ClipTextEncoder, load_text_encoder
 
 log = logging.getLogger(__name__)
+
+UNKNOWN_GALLERY = "The gallery {name!r} is not served by this worker."
+TEXT_OFF = "Text search is off on this worker (LOOKALIKE_TEXT_SEARCH=off)."
 
 
 @dataclass
 class Engine:
     encoder: ClipImageEncoder
-    index: GalleryIndex
-    gallery: str
-    class_names: tuple[str, ...]
+    galleries: dict[str, GalleryIndex]
+    default_gallery: str
     load_seconds: float
+    text_encoder: ClipTextEncoder | None = None
+    refused: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def index(self) -> GalleryIndex:
+        """The default gallery's index."""
+        return self.galleries[self.default_gallery]
+
+    def gallery(self, name: str) -> GalleryIndex:
+        try:
+            return self.galleries[name]
+        except KeyError:
+            raise JobFailed(UNKNOWN_GALLERY.format(name=name)) from None
+
+    @property
+    def modes(self) -> dict[str, bool]:
+        return {"image": True, "text": self.text_encoder is not None}
+
+    def summaries(self) -> list[dict[str, Any]]:
+        return [
+            index.summary(default=name == self.default_gallery)
+            for name, index in self.galleries.items()
+        ]
 
 
 _lock = threading.Lock()
 _engine: Engine | None = None
 
 
-def load_engine(settings: Settings, *, build_missing: bool = False) -> Engine:
-    """Load the model and the index; with ``build_missing``, build an absent index first."""
-    started = time.perf_counter()
-    gallery_settings = settings.gallery
-    directory = index_dir(
-        gallery_settings.index_dir,
-        gallery=gallery_settings.name,
-        size=gallery_settings.size,
+def default_index_dir(settings: Settings) -> Path:
+    gallery = settings.gallery
+    return index_dir(
+        gallery.index_dir,
+        gallery=gallery.name,
         model_id=settings.model.name,
+        size=gallery.size if gallery.name == FASHION_MNIST else None,
     )
+
+
+def load_engine(settings: Settings, *, build_missing: bool = False) -> Engine:
+    """Load the model and the indexes; with ``build_missing``, build an absent default index
+    first (Fashion-MNIST only: an own gallery is built from its folder by the user)."""
+    started = time.perf_counter()
+    gallery = settings.gallery
+    directory = default_index_dir(settings)
     needs_build = build_missing and not (directory / "manifest.json").exists()
-    gallery = None
-    if needs_build:
-        gallery = load_gallery(gallery_settings.data_dir, size=gallery_settings.size)
+    if needs_build and gallery.name != FASHION_MNIST:
+        raise IndexMismatch(
+            f"No index for the gallery {gallery.name!r} at {directory}: build it with "
+            f"'lookalike index build --images FOLDER --name {gallery.name}'."
+        )
+    source = FashionMnistSource.load(gallery.data_dir, size=gallery.size) if needs_build else None
     # The int8 start check runs on real gallery images: the gallery's own, or the probes
     # stored with a built index.
-    stored_probes = directory / "probes.npy"
-    if gallery is not None:
-        probes = gallery_to_images(gallery.images[:8])
-    elif stored_probes.exists():
-        probes = gallery_to_images(np.load(stored_probes))
+    if source is not None:
+        encoder = load_encoder(settings.model, probe_images=source.images(0, 8))
     else:
-        probes = []
-    encoder = load_encoder(settings.model, probe_images=probes)
-    if needs_build:
-        assert gallery is not None
-        log.info("no index at %s: building it (%d images)", directory, len(gallery))
-        build_index(
-            encoder,
-            gallery.images,
-            gallery.labels,
-            gallery=gallery_settings.name,
-            directory=directory,
-            batch_size=settings.model.batch_size,
-        )
-    index = load_index(
-        directory, encoder, gallery=gallery_settings.name, size=gallery_settings.size
-    )
+        encoder = load_encoder(settings.model, probe_pixels=load_probe_pixels(directory))
+    if source is not None:
+        log.info("no index at %s: building it (%d images)", directory, len(source))
+        build_index(encoder, source, directory=directory, batch_size=settings.model.batch_size)
+    size = gallery.size if gallery.name == FASHION_MNIST else None
+    galleries = {gallery.name: load_index(directory, encoder, gallery=gallery.name, size=size)}
+    refused: dict[str, str] = {}
+    for extra in own_gallery_dirs(
+        gallery.index_dir, model_id=encoder.model_id, exclude=gallery.name
+    ):
+        try:
+            index = load_index(extra, encoder, gallery=_gallery_name(extra))
+        except IndexMismatch as error:
+            refused[extra.name] = str(error)
+            log.error("not serving the gallery in %s: %s", extra, error)
+            continue
+        if index.name in galleries:
+            log.warning("gallery %s: two indexes, keeping %s", index.name, galleries[index.name])
+            continue
+        galleries[index.name] = index
+    text_encoder = None
+    if settings.model.text_search == "on":
+        text_encoder = load_text_encoder(encoder.model_id, device=encoder.device)
     return Engine(
         encoder=encoder,
-        index=index,
-        gallery=gallery_settings.name,
-        class_names=CLASS_NAMES,
+        galleries=galleries,
+        default_gallery=gallery.name,
         load_seconds=time.perf_counter() - started,
+        text_encoder=text_encoder,
+        refused=refused,
     )
+
+
+def _gallery_name(directory: Path) -> str:
+    manifest = read_manifest(directory) or {}
+    return str(manifest.get("gallery", directory.name))
 
 
 def get_engine(settings: Settings, *, build_missing: bool = False) -> Engine:

@@ -1,25 +1,34 @@
 """The gallery index: build (batched, resumable), save with a manifest, load, search.
 
-On disk, one folder per (gallery, size, model)::
+On disk, one folder per gallery and model (and size, for Fashion-MNIST)::
 
-    embeddings.npy   float16 (n, dim), L2-normalised rows: half the memory of float32,
-                     scores within ~1e-3
-    labels.npy       uint8 (n,)
-    probes.npy       the first few gallery images (uint8), re-embedded at load to prove the
-                     model that answers is the model that built the index
-    manifest.json    model id, gallery, count, dim, dtype, preprocessing, checksums
+    embeddings.npy       float16 (n, dim), L2-normalised rows: half the memory of float32,
+                         scores within ~1e-3
+    labels.npy           int32 (n,)
+    thumbs.bin, thumbs.offsets.npy
+                         every gallery image, small, for the API (see shared.galleries)
+    paths.json           own galleries: each image's file, relative to the folder
+    skipped.json         own galleries: the files that could not be read, and why
+    probes.npy           CLIP pixels of the first few gallery images, re-embedded at load to
+                         prove the model that answers is the model that built the index
+    manifest.json        gallery, kind, model id, count, dim, dtype, classes, preprocessing,
+                         checksums
 
-A stale or mismatched index is refused with :class:`IndexMismatch`, never used.
+A build embeds the gallery in chunks of ``CHUNK`` images saved under ``parts/``: an interrupted
+build resumes from the chunks it finished, and chunks can be computed by other processes (see
+worker.distributed). A stale or mismatched index is refused with :class:`IndexMismatch`.
 """
 
 from __future__ import annotations
 
 import hashlib
+import itertools
 import json
 import logging
 import re
 import shutil
 import time
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -32,24 +41,39 @@ from PIL import Image
 from pydantic import BaseModel
 
 from shared.errors import IndexMismatch
+from shared.galleries import (
+    FOLDER,
+    THUMBS,
+    GallerySource,
+    Skipped,
+    ThumbnailPack,
+    encode_thumbnail,
+    read_manifest,
+    write_thumbnail_pack,
+)
 from shared.images import to_rgb
+from shared.schemas import Embeddings
 from worker.encoder import EQUIVALENCE_MIN_COSINE, ClipImageEncoder
 
 log = logging.getLogger(__name__)
 
-FORMAT = 1
-CHUNK = 1024  # images per resumable piece of a build
+FORMAT = 2
+CHUNK = 256  # images per resumable (and distributable) piece of a build
 PROBES = 4
 STORED_DTYPE = np.float16
 
 
 class Manifest(BaseModel):
     format: int = FORMAT
-    model_id: str
     gallery: str
+    kind: str
+    model_id: str
     count: int
     dim: int
     dtype: str
+    class_names: list[str]
+    source: str | None = None
+    skipped: int = 0
     preprocessing: dict[str, Any]
     preprocessing_digest: str
     precision: str
@@ -59,12 +83,13 @@ class Manifest(BaseModel):
     build_seconds: float
 
 
-def index_dir(root: Path, *, gallery: str, size: int, model_id: str) -> Path:
-    """``<root>/<gallery>-<size>__<model slug>-<hash>``: one folder per identity."""
+def index_dir(root: Path, *, gallery: str, model_id: str, size: int | None = None) -> Path:
+    """``<root>/<gallery>[-<size>]__<model slug>-<hash>``: one folder per identity."""
     tail = "-".join(Path(model_id.rstrip("/")).parts[-2:])
     slug = re.sub(r"[^A-Za-z0-9._-]+", "-", tail).strip("-")[:60] or "model"
     digest = hashlib.sha256(model_id.encode()).hexdigest()[:8]
-    return root / f"{gallery}-{size}__{slug}-{digest}"
+    label = gallery if size is None else f"{gallery}-{size}"
+    return root / f"{label}__{slug}-{digest}"
 
 
 def gallery_to_images(pixels: npt.NDArray[np.uint8]) -> list[Image.Image]:
@@ -87,74 +112,174 @@ def _save_atomic(path: Path, array: npt.NDArray[Any]) -> None:
     tmp.replace(path)
 
 
+def _write_text_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    tmp.replace(path)
+
+
+# --- building --------------------------------------------------------------------------------
+
+
+def plan_chunks(count: int) -> list[tuple[int, int]]:
+    """The (start, stop) pieces a build of ``count`` images is made of."""
+    return [(start, min(start + CHUNK, count)) for start in range(0, count, CHUNK)]
+
+
+def build_identity(encoder: ClipImageEncoder, source: GallerySource) -> dict[str, Any]:
+    """What a half-done build must share with this one to be resumed."""
+    return {
+        "format": FORMAT,
+        "model_id": encoder.model_id,
+        "gallery": source.name,
+        "count": len(source),
+        "fingerprint": source.fingerprint,
+        "preprocessing_digest": encoder.preprocessing_digest,
+        "chunk": CHUNK,
+    }
+
+
+class BuildParts:
+    """The finished chunks of a build in progress, in ``<index folder>/parts``."""
+
+    def __init__(self, directory: Path, identity: dict[str, Any]) -> None:
+        self.path = directory / "parts"
+        self.path.mkdir(parents=True, exist_ok=True)
+        identity_file = self.path / "build.json"
+        if identity_file.exists() and json.loads(identity_file.read_text()) != identity:
+            log.warning("discarding an unfinished build of another identity in %s", self.path)
+            self.discard()
+            self.path.mkdir(parents=True)
+        identity_file.write_text(json.dumps(identity))
+
+    def _stem(self, start: int) -> Path:
+        return self.path / f"{start:08d}"
+
+    def has(self, start: int) -> bool:
+        # The embeddings are written last: their presence means the chunk is whole.
+        return Path(f"{self._stem(start)}.npy").exists()
+
+    def save(self, start: int, embeddings: npt.NDArray[Any], thumbnails: Iterable[bytes]) -> None:
+        write_thumbnail_pack(Path(f"{self._stem(start)}.thumbs"), thumbnails)
+        _save_atomic(Path(f"{self._stem(start)}.npy"), embeddings.astype(STORED_DTYPE))
+
+    def embeddings(self, start: int) -> npt.NDArray[Any]:
+        loaded: npt.NDArray[Any] = np.load(f"{self._stem(start)}.npy")
+        return loaded
+
+    def thumbnails(self, start: int) -> Iterable[bytes]:
+        return ThumbnailPack(Path(f"{self._stem(start)}.thumbs")).iter_all()
+
+    def forget(self, start: int) -> None:
+        for path in self.path.glob(f"{start:08d}.*"):
+            path.unlink()
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+
+def embed_chunk(
+    encoder: ClipImageEncoder,
+    source: GallerySource,
+    start: int,
+    stop: int,
+    *,
+    batch_size: int,
+    on_batch: Callable[[int], object] | None = None,
+) -> tuple[npt.NDArray[np.float16], list[bytes]]:
+    """Embeddings and thumbnails of gallery images ``start`` to ``stop``, in batches."""
+    rows: list[Embeddings] = []
+    thumbnails: list[bytes] = []
+    for low in range(start, stop, batch_size):
+        high = min(low + batch_size, stop)
+        images = source.images(low, high)
+        rows.append(encoder.embed(images))
+        thumbnails.extend(encode_thumbnail(image) for image in images)
+        if on_batch is not None:
+            on_batch(high - low)
+    return np.concatenate(rows).astype(STORED_DTYPE), thumbnails
+
+
+def open_build(
+    encoder: ClipImageEncoder, source: GallerySource, directory: Path
+) -> tuple[BuildParts, list[tuple[int, int]]]:
+    """The parts of a (possibly resumed) build and the chunks still to compute.
+
+    A resumed build's first chunk is re-embedded: if other weights made it, all is redone.
+    """
+    parts = BuildParts(directory, build_identity(encoder, source))
+    plan = plan_chunks(len(source))
+    done = [(start, stop) for start, stop in plan if parts.has(start)]
+    if done:
+        start, _ = done[0]
+        stored = parts.embeddings(start)[:PROBES].astype(np.float32)
+        fresh = encoder.embed(source.images(start, start + stored.shape[0]))
+        if float(np.min(np.sum(stored * fresh, axis=1))) < EQUIVALENCE_MIN_COSINE:
+            log.warning("unfinished build in %s came from other weights; starting over", parts.path)
+            for start, _ in done:
+                parts.forget(start)
+            done = []
+    return parts, [chunk for chunk in plan if chunk not in done]
+
+
 def build_index(
     encoder: ClipImageEncoder,
-    images: npt.NDArray[np.uint8],
-    labels: npt.NDArray[np.uint8],
+    source: GallerySource,
     *,
-    gallery: str,
     directory: Path,
     batch_size: int,
     progress: bool = True,
 ) -> Manifest:
-    """Embed every gallery image in batches and save the index in ``directory``.
-
-    Work is saved in chunks of ``CHUNK`` images under ``directory/parts``; a build that was
-    interrupted resumes from the chunks it finished, after checking they came from this model.
-    """
+    """Embed every gallery image in batches, here, and save the index in ``directory``."""
     started = time.perf_counter()
-    count = int(labels.shape[0])
-    parts = directory / "parts"
-    parts.mkdir(parents=True, exist_ok=True)
-    identity = {
-        "model_id": encoder.model_id,
-        "gallery": gallery,
-        "count": count,
-        "preprocessing_digest": encoder.preprocessing_digest,
-        "chunk": CHUNK,
-    }
-    identity_file = parts / "build.json"
-    if identity_file.exists() and json.loads(identity_file.read_text()) != identity:
-        log.warning("discarding an unfinished build of another identity in %s", parts)
-        shutil.rmtree(parts)
-        parts.mkdir(parents=True)
-    identity_file.write_text(json.dumps(identity))
-
-    chunks = range(0, count, CHUNK)
-    done = [start for start in chunks if (parts / f"{start:08d}.npy").exists()]
-    if done and not _chunk_matches(encoder, images, parts / f"{done[0]:08d}.npy", done[0]):
-        log.warning("unfinished build in %s came from other weights; starting over", parts)
-        for start in done:
-            (parts / f"{start:08d}.npy").unlink()
-        done = []
-    already = sum(min(CHUNK, count - start) for start in done)
-    bar = _progress_bar(total=count, initial=already, enabled=progress)
+    parts, missing = open_build(encoder, source, directory)
+    already = len(source) - sum(stop - start for start, stop in missing)
+    bar = progress_bar(total=len(source), initial=already, enabled=progress)
     try:
-        for start in chunks:
-            path = parts / f"{start:08d}.npy"
-            if path.exists():
-                continue
-            stop = min(start + CHUNK, count)
-            rows = []
-            for low in range(start, stop, batch_size):
-                high = min(low + batch_size, stop)
-                rows.append(encoder.embed(gallery_to_images(images[low:high])))
-                bar.update(high - low)
-            _save_atomic(path, np.concatenate(rows).astype(STORED_DTYPE))
+        for start, stop in missing:
+            embeddings, thumbnails = embed_chunk(
+                encoder, source, start, stop, batch_size=batch_size, on_batch=bar.update
+            )
+            parts.save(start, embeddings, thumbnails)
     finally:
         bar.close()
+    return finish_index(encoder, source, parts, directory=directory, started=started)
 
-    embeddings = np.concatenate([np.load(parts / f"{s:08d}.npy") for s in chunks])
-    directory.mkdir(parents=True, exist_ok=True)
+
+def finish_index(
+    encoder: ClipImageEncoder,
+    source: GallerySource,
+    parts: BuildParts,
+    *,
+    directory: Path,
+    started: float,
+) -> Manifest:
+    """Assemble the finished chunks into the index files, write the manifest last."""
+    plan = plan_chunks(len(source))
+    embeddings = np.concatenate([parts.embeddings(start) for start, _ in plan])
+    if embeddings.shape[0] != len(source):
+        raise IndexMismatch(f"The build in {parts.path} is incomplete: run it again.")
     _save_atomic(directory / "embeddings.npy", embeddings)
-    _save_atomic(directory / "labels.npy", np.asarray(labels, dtype=np.uint8))
-    _save_atomic(directory / "probes.npy", np.asarray(images[:PROBES], dtype=np.uint8))
+    _save_atomic(directory / "labels.npy", np.asarray(source.labels, dtype=np.int32))
+    write_thumbnail_pack(
+        directory / THUMBS, itertools.chain.from_iterable(parts.thumbnails(s) for s, _ in plan)
+    )
+    probe_pixels = encoder.pixels(source.images(0, min(PROBES, len(source))))
+    _save_atomic(directory / "probes.npy", probe_pixels.numpy().astype(np.float32))
+    if source.paths is not None:
+        _write_text_atomic(directory / "paths.json", json.dumps(source.paths))
+        skipped = [{"path": s.path, "reason": s.reason} for s in source.skipped]
+        _write_text_atomic(directory / "skipped.json", json.dumps(skipped, indent=1))
     manifest = Manifest(
+        gallery=source.name,
+        kind=source.kind,
         model_id=encoder.model_id,
-        gallery=gallery,
-        count=count,
+        count=len(source),
         dim=int(embeddings.shape[1]),
         dtype=str(embeddings.dtype),
+        class_names=list(source.class_names),
+        source=source.location,
+        skipped=len(source.skipped),
         preprocessing=encoder.preprocessing,
         preprocessing_digest=encoder.preprocessing_digest,
         precision=encoder.precision,
@@ -163,42 +288,42 @@ def build_index(
         built_at=datetime.now(UTC).isoformat(),
         build_seconds=round(time.perf_counter() - started, 2),
     )
-    tmp = directory / "manifest.json.tmp"
-    tmp.write_text(manifest.model_dump_json(indent=2))
-    tmp.replace(directory / "manifest.json")
-    shutil.rmtree(parts)
+    _write_text_atomic(directory / "manifest.json", manifest.model_dump_json(indent=2))
+    parts.discard()
     return manifest
 
 
-def _chunk_matches(
-    encoder: ClipImageEncoder, images: npt.NDArray[np.uint8], path: Path, start: int
-) -> bool:
-    stored = np.load(path)[:PROBES].astype(np.float32)
-    fresh = encoder.embed(gallery_to_images(images[start : start + stored.shape[0]]))
-    return bool(np.min(np.sum(stored * fresh, axis=1)) >= EQUIVALENCE_MIN_COSINE)
-
-
-def _progress_bar(*, total: int, initial: int, enabled: bool) -> Any:
+def progress_bar(
+    *, total: int | None, initial: int = 0, enabled: bool = True, desc: str = "indexing"
+) -> Any:
+    """A tqdm bar with the rate (img/s) and the ETA."""
     from tqdm import tqdm
 
     return tqdm(
         total=total,
         initial=initial,
         unit="img",
-        desc="indexing",
+        desc=desc,
         disable=not enabled,
         smoothing=0.1,
         dynamic_ncols=True,
     )
 
 
+# --- loading and searching -------------------------------------------------------------------
+
+
 @dataclass
 class GalleryIndex:
     """A loaded index: the matrix (memory-mapped) and its labels, searched on ``device``."""
 
+    name: str
+    directory: Path
     manifest: Manifest
     embeddings: npt.NDArray[np.float16]
-    labels: npt.NDArray[np.uint8]
+    labels: npt.NDArray[np.int32]
+    class_names: tuple[str, ...]
+    paths: list[str] | None
     matrix: torch.Tensor
 
     def __len__(self) -> int:
@@ -209,6 +334,18 @@ class GalleryIndex:
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """Top-``k`` cosine matches of each query row: one matrix product and one top-k."""
         return top_k(self.matrix, queries, k=k)
+
+    def summary(self, *, default: bool) -> dict[str, Any]:
+        """What a worker advertises about this gallery (see /galleries)."""
+        return {
+            "name": self.name,
+            "size": len(self),
+            "model": self.manifest.model_id,
+            "kind": self.manifest.kind,
+            "classes": list(self.class_names),
+            "default": default,
+            "dir": self.directory.name,
+        }
 
 
 def top_k(
@@ -225,7 +362,7 @@ def top_k(
 
 
 def load_index(
-    directory: Path, encoder: ClipImageEncoder, *, gallery: str, size: int
+    directory: Path, encoder: ClipImageEncoder, *, gallery: str, size: int | None = None
 ) -> GalleryIndex:
     """Load a built index and prove it matches; raise :class:`IndexMismatch` otherwise."""
     manifest_path = directory / "manifest.json"
@@ -234,15 +371,21 @@ def load_index(
             f"No index at {directory}: build it with 'lookalike index build' "
             "(or start 'lookalike serve', which builds it)."
         )
+    raw = read_manifest(directory) or {}
+    if raw.get("format") != FORMAT:
+        raise IndexMismatch(
+            f"The index at {directory} has format {raw.get('format')!r}, this worker reads "
+            f"{FORMAT}: rebuild it with 'lookalike index build --force'."
+        )
     manifest = Manifest.model_validate_json(manifest_path.read_text())
-    expected = {
-        "format": FORMAT,
+    expected: dict[str, Any] = {
         "model_id": encoder.model_id,
         "gallery": gallery,
-        "count": size,
         "dim": encoder.dim,
         "preprocessing_digest": encoder.preprocessing_digest,
     }
+    if size is not None:
+        expected["count"] = size
     for key, value in expected.items():
         found = getattr(manifest, key)
         if found != value:
@@ -257,23 +400,62 @@ def load_index(
     labels = np.load(directory / "labels.npy")
     if embeddings.shape != (manifest.count, manifest.dim) or labels.shape != (manifest.count,):
         raise IndexMismatch(f"The index at {directory} has the wrong shape: rebuild it.")
-    probes = np.load(directory / "probes.npy")
-    if not _probes_match(encoder, probes, embeddings):
+    probes = torch.from_numpy(np.load(directory / "probes.npy"))
+    fresh = encoder.embed_pixels(probes)
+    stored = np.asarray(embeddings[: len(probes)], dtype=np.float32)
+    if float(np.min(np.sum(stored * fresh, axis=1))) < EQUIVALENCE_MIN_COSINE:
         raise IndexMismatch(
             f"The index at {directory} was built by other weights than {encoder.model_id!r} "
             "has now: rebuild it with 'lookalike index build'."
         )
+    paths = None
+    if (directory / "paths.json").exists():
+        paths = list(json.loads((directory / "paths.json").read_text()))
     matrix = torch.from_numpy(embeddings)
     if encoder.device != "cpu":
         matrix = matrix.to(encoder.device, dtype=encoder.dtype)
-    index = GalleryIndex(manifest=manifest, embeddings=embeddings, labels=labels, matrix=matrix)
+    index = GalleryIndex(
+        name=manifest.gallery,
+        directory=directory,
+        manifest=manifest,
+        embeddings=embeddings,
+        labels=labels,
+        class_names=tuple(manifest.class_names),
+        paths=paths,
+        matrix=matrix,
+    )
     index.search(np.zeros((1, manifest.dim), dtype=np.float32), k=1)  # fault the pages in
     return index
 
 
-def _probes_match(
-    encoder: ClipImageEncoder, probes: npt.NDArray[np.uint8], embeddings: npt.NDArray[Any]
-) -> bool:
-    fresh = encoder.embed(gallery_to_images(probes))
-    stored = np.asarray(embeddings[: len(probes)], dtype=np.float32)
-    return bool(np.min(np.sum(stored * fresh, axis=1)) >= EQUIVALENCE_MIN_COSINE)
+def load_probe_pixels(directory: Path) -> torch.Tensor | None:
+    """The stored probe pixels of an index, for the start-up precision check, if any."""
+    path = directory / "probes.npy"
+    try:
+        return torch.from_numpy(np.load(path)) if path.exists() else None
+    except ValueError:
+        return None
+
+
+def own_gallery_dirs(root: Path, *, model_id: str, exclude: str) -> list[Path]:
+    """Built indexes of own (folder) galleries for ``model_id``, except gallery ``exclude``."""
+    if not root.is_dir():
+        return []
+    found = []
+    for directory in sorted(root.iterdir()):
+        manifest = read_manifest(directory)
+        if (
+            manifest is not None
+            and manifest.get("kind") == FOLDER
+            and manifest.get("model_id") == model_id
+            and manifest.get("gallery") != exclude
+        ):
+            found.append(directory)
+    return found
+
+
+def skipped_files(directory: Path) -> list[Skipped]:
+    path = directory / "skipped.json"
+    if not path.exists():
+        return []
+    return [Skipped(item["path"], item["reason"]) for item in json.loads(path.read_text())]

@@ -6,7 +6,7 @@ import logging
 import sys
 import threading
 
-from shared.celery_config import SEARCH_TASK, make_celery
+from shared.celery_config import SEARCH_TASK, build_queue, make_celery
 from shared.errors import LookalikeError
 from shared.settings import Settings
 
@@ -37,20 +37,23 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO") -> int:
         reason=None,
         model=engine.encoder.model_id,
         model_is_random=engine.encoder.is_random,
-        gallery=engine.gallery,
+        gallery=engine.default_gallery,
         size=len(engine.index),
+        galleries=engine.summaries(),
+        refused_galleries=engine.refused,
+        modes=engine.modes,
         device=engine.encoder.device,
         precision=engine.encoder.precision,
         load_seconds=round(engine.load_seconds, 2),
     )
     log.info(
-        "worker %s ready: %s on %s (%s), %s with %d images, loaded in %.1fs",
+        "worker %s ready: %s on %s (%s), galleries %s, text search %s, loaded in %.1fs",
         name,
         engine.encoder.model_id,
         engine.encoder.device,
         engine.encoder.precision,
-        engine.gallery,
-        len(engine.index),
+        ", ".join(f"{g['name']} ({g['size']})" for g in engine.summaries()),
+        "on" if engine.modes["text"] else "off",
         engine.load_seconds,
     )
     if engine.encoder.is_random:
@@ -58,9 +61,14 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO") -> int:
             "LOOKALIKE_MODEL=%s has random weights: its matches are meaningless",
             engine.encoder.model_id,
         )
-    celery_app.watchdog = celery_app.Watchdog(
-        settings.broker.task_time_limit_s, fail=celery_app.store().fail
-    )
+    metrics = celery_app.metrics()
+    metrics.start()
+
+    def time_out(job_id: str, sentence: str) -> None:
+        if celery_app.store().fail(job_id, sentence):
+            metrics.inc("lookalike_jobs_finished_total", {"status": "failed", "reason": "timeout"})
+
+    celery_app.watchdog = celery_app.Watchdog(settings.broker.task_time_limit_s, fail=time_out)
     stop_reconciler = start_reconciler(settings, name=name)
     try:
         worker = celery_app.app.Worker(
@@ -68,7 +76,7 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO") -> int:
             concurrency=1,
             loglevel=loglevel,
             hostname=f"lookalike@{name}",
-            queues=[settings.broker.queue],
+            queues=[settings.broker.queue, build_queue(settings)],
             without_gossip=True,
             without_mingle=True,
             without_heartbeat=True,
@@ -78,6 +86,7 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO") -> int:
         return int(worker.exitcode or 0)
     finally:
         stop_reconciler.set()
+        metrics.stop()
         heartbeat.stop()
 
 

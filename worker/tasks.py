@@ -14,8 +14,9 @@ from typing import Any
 import redis
 from celery_batches import Batches
 
-from shared.celery_config import SEARCH_TASK
-from worker.celery_app import app, settings, store
+from shared.celery_config import INDEX_CHUNK_TASK, SEARCH_TASK
+from worker.celery_app import app, metrics, settings, store
+from worker.distributed import compute_chunk
 from worker.engine import get_engine
 from worker.heartbeat import worker_name
 from worker.search import run_search_jobs
@@ -31,6 +32,7 @@ def answer(job_ids: Sequence[str]) -> None:
         worker_name=worker_name(),
         max_pixels=settings.storage.max_image_pixels,
         max_attempts=settings.broker.max_attempts,
+        metrics=metrics(),
     )
 
 
@@ -92,3 +94,19 @@ else:
     def search(self: object, job_id: str) -> None:
         """Answer the job ``job_id`` (its record and upload are in Redis)."""
         answer([job_id])
+
+
+@app.task(  # type: ignore[untyped-decorator]
+    name=INDEX_CHUNK_TASK, acks_late=True, reject_on_worker_lost=True
+)
+def index_chunk(spec: dict[str, Any]) -> None:
+    """Embed one chunk of a distributed index build (see worker.distributed)."""
+    compute_chunk(
+        store().client,
+        settings.storage.key_prefix,
+        spec,
+        get_engine(settings).encoder,
+        data_dir=settings.gallery.data_dir,
+        max_pixels=settings.storage.max_image_pixels,
+        worker_name=worker_name(),
+    )

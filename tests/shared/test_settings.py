@@ -13,12 +13,20 @@ from shared.settings import (
     ApiSettings,
     BrokerSettings,
     GallerySettings,
+    LogSettings,
     ModelSettings,
     StorageSettings,
     load_settings,
 )
 
-GROUPS = (ModelSettings, GallerySettings, StorageSettings, BrokerSettings, ApiSettings)
+GROUPS = (
+    ModelSettings,
+    GallerySettings,
+    StorageSettings,
+    BrokerSettings,
+    ApiSettings,
+    LogSettings,
+)
 
 
 @pytest.fixture(autouse=True)
@@ -74,6 +82,29 @@ def test_environment_variable_is_read(
     assert read(load_settings()) == expected  # type: ignore[operator]
 
 
+def test_text_search_is_on_and_logs_are_text_by_default() -> None:
+    settings = load_settings()
+
+    assert settings.model.text_search == "on"
+    assert (settings.log.level, settings.log.format) == ("INFO", "text")
+    assert settings.api.max_batch_files == 16
+
+
+def test_log_settings_accept_any_case(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOOKALIKE_LOG_FORMAT", "JSON")
+    monkeypatch.setenv("LOOKALIKE_LOG_LEVEL", "debug")
+
+    settings = load_settings()
+
+    assert (settings.log.level, settings.log.format) == ("DEBUG", "json")
+
+
+def test_own_gallery_name_is_accepted(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("LOOKALIKE_GALLERY", "shop-2026.spring")
+
+    assert load_settings().gallery.name == "shop-2026.spring"
+
+
 def test_random_model_name_is_flagged_random(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("LOOKALIKE_MODEL", "random:vit-b-32")
 
@@ -90,7 +121,11 @@ def test_random_model_name_is_flagged_random(monkeypatch: pytest.MonkeyPatch) ->
         ("LOOKALIKE_GALLERY_SIZE", "70001"),
         ("LOOKALIKE_REDIS_URL", "http://x"),
         ("LOOKALIKE_MODEL", "   "),
-        ("LOOKALIKE_GALLERY", "mnist"),
+        ("LOOKALIKE_GALLERY", "My Photos!"),
+        ("LOOKALIKE_GALLERY", "../etc"),
+        ("LOOKALIKE_TEXT_SEARCH", "maybe"),
+        ("LOOKALIKE_MAX_BATCH_FILES", "0"),
+        ("LOOKALIKE_LOG_FORMAT", "xml"),
     ],
 )
 def test_nonsense_value_raises_config_error_naming_the_variable(

@@ -11,6 +11,7 @@ import pytest
 
 from shared.cli import main
 from shared.fashion_mnist import load_gallery
+from shared.galleries import FashionMnistSource
 from shared.settings import GallerySettings, ModelSettings, Settings
 from worker.bench import format_model_report, run_model_bench, synthetic_rows
 from worker.encoder import load_encoder
@@ -97,9 +98,7 @@ def test_model_bench_uses_a_built_index(
     gallery = load_gallery(fake_data_dir, size=GALLERY_SIZE)
     build_index(
         load_encoder(settings.model),
-        gallery.images,
-        gallery.labels,
-        gallery="fashion-mnist",
+        FashionMnistSource(gallery.images, gallery.labels),
         directory=index_dir(
             tmp_path, gallery="fashion-mnist", size=GALLERY_SIZE, model_id=str(tiny_clip_dir)
         ),

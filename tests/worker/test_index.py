@@ -15,7 +15,8 @@ from transformers import CLIPConfig, CLIPModel
 
 import worker.index as index_module
 from shared.errors import IndexMismatch
-from shared.fashion_mnist import Gallery, load_gallery
+from shared.fashion_mnist import CLASS_NAMES, Gallery, load_gallery
+from shared.galleries import THUMBS, FashionMnistSource, FolderSource, ThumbnailPack, scan_folder
 from shared.settings import ModelSettings
 from worker.encoder import ClipImageEncoder, load_encoder
 from worker.index import (
@@ -24,6 +25,7 @@ from worker.index import (
     gallery_to_images,
     index_dir,
     load_index,
+    own_gallery_dirs,
     top_k,
 )
 
@@ -44,9 +46,7 @@ def sha256(path: Path) -> str:
 def build(encoder: ClipImageEncoder, gallery: Gallery, directory: Path) -> Manifest:
     return build_index(
         encoder,
-        gallery.images,
-        gallery.labels,
-        gallery=GALLERY,
+        FashionMnistSource(gallery.images, gallery.labels),
         directory=directory,
         batch_size=BATCH,
         progress=False,
@@ -163,7 +163,19 @@ def test_build_index_writes_manifest(
     assert manifest.preprocessing_digest == encoder.preprocessing_digest
     assert manifest.embeddings_sha256 == sha256(directory / "embeddings.npy")
     assert manifest.labels_sha256 == sha256(directory / "labels.npy")
+    assert (manifest.kind, manifest.class_names) == (GALLERY, list(CLASS_NAMES))
     assert not (directory / "parts").exists()
+
+
+def test_build_index_keeps_every_gallery_image_as_a_thumbnail(
+    built: tuple[Path, Manifest], gallery: Gallery
+) -> None:
+    pack = ThumbnailPack(built[0] / THUMBS)
+
+    assert len(pack) == SIZE
+    for position in (0, 37, SIZE - 1):
+        shown = np.asarray(pack.image(position).convert("L"))
+        np.testing.assert_array_equal(shown, gallery.images[position])
 
 
 def test_load_index_round_trips_the_build(
@@ -190,12 +202,13 @@ def test_every_gallery_image_finds_itself_first(
     assert scores[:, 0].min() >= 0.99
 
 
-def test_index_dir_differs_by_model_and_size(tmp_path: Path) -> None:
+def test_index_dir_differs_by_model_size_and_gallery(tmp_path: Path) -> None:
     a = index_dir(tmp_path, gallery=GALLERY, size=100, model_id="/models/clip")
     assert a == index_dir(tmp_path, gallery=GALLERY, size=100, model_id="/models/clip")
     assert a.parent == tmp_path
     assert a != index_dir(tmp_path, gallery=GALLERY, size=101, model_id="/models/clip")
     assert a != index_dir(tmp_path, gallery=GALLERY, size=100, model_id="/other/clip")
+    assert a != index_dir(tmp_path, gallery="shoes", model_id="/models/clip")
 
 
 # --- refusals -----------------------------------------------------------------------------------
@@ -248,6 +261,15 @@ def test_load_index_refuses_index_built_by_other_weights(
         load_index(index_copy, other, gallery=GALLERY, size=SIZE)
 
 
+def test_load_index_refuses_an_older_format(index_copy: Path, encoder: ClipImageEncoder) -> None:
+    manifest = json.loads((index_copy / "manifest.json").read_text())
+    manifest["format"] = 1
+    (index_copy / "manifest.json").write_text(json.dumps(manifest))
+
+    with pytest.raises(IndexMismatch, match="format 1"):
+        load_index(index_copy, encoder, gallery=GALLERY, size=SIZE)
+
+
 def test_load_index_refuses_missing_index(tmp_path: Path, encoder: ClipImageEncoder) -> None:
     with pytest.raises(IndexMismatch, match="No index at"):
         load_index(tmp_path / "nothing", encoder, gallery=GALLERY, size=SIZE)
@@ -297,7 +319,7 @@ def test_interrupted_build_resumes_from_saved_chunks(
     with pytest.raises(Interrupted):
         build(with_embed(encoder, first), gallery, directory)
 
-    saved = sorted(p.name for p in (directory / "parts").glob("0*.npy"))
+    saved = sorted(p.name for p in (directory / "parts").glob("0*[0-9].npy"))
     assert saved == ["00000000.npy", "00000032.npy"]
     assert not (directory / "manifest.json").exists()
 
@@ -337,3 +359,70 @@ def test_interrupted_build_by_other_weights_starts_over(
     np.testing.assert_array_equal(
         np.load(directory / "embeddings.npy"), np.load(built[0] / "embeddings.npy")
     )
+
+
+# --- own galleries ------------------------------------------------------------------------------
+
+
+def write_folder_gallery(root: Path) -> Path:
+    """shoes/ (3), bags/nested/ (2), one loose image, a text file, one broken JPEG."""
+    from PIL import Image
+
+    rng = np.random.default_rng(5)
+    layout = {
+        "shoes/a.png": "PNG",
+        "shoes/b.jpg": "JPEG",
+        "shoes/c.webp": "WEBP",
+        "bags/nested/d.png": "PNG",
+        "bags/e.bmp": "BMP",
+        "loose.png": "PNG",
+    }
+    for relative, fmt in layout.items():
+        path = root / relative
+        path.parent.mkdir(parents=True, exist_ok=True)
+        pixels = rng.integers(0, 256, size=(40, 60, 3), dtype=np.uint8)
+        Image.fromarray(pixels).save(path, format=fmt)
+    (root / "shoes" / "notes.txt").write_text("not an image")
+    (root / "bags" / "broken.jpg").write_bytes(b"\xff\xd8\xff\xe0 not really")
+    return root
+
+
+def test_folder_gallery_is_labelled_by_top_level_folder_and_skips_unreadable(
+    tmp_path: Path,
+) -> None:
+    listing = scan_folder(write_folder_gallery(tmp_path / "photos"), max_pixels=10**7)
+
+    assert listing.paths == [
+        "loose.png",
+        "bags/e.bmp",
+        "bags/nested/d.png",
+        "shoes/a.png",
+        "shoes/b.jpg",
+        "shoes/c.webp",
+    ]
+    names = [listing.class_names[label] for label in listing.labels]
+    assert names == ["unlabelled", "bags", "bags", "shoes", "shoes", "shoes"]
+    assert [s.path for s in listing.skipped] == ["bags/broken.jpg"]
+    assert listing.ignored == 1
+
+
+def test_folder_gallery_index_serves_its_paths_and_classes(
+    encoder: ClipImageEncoder, tmp_path: Path
+) -> None:
+    listing = scan_folder(write_folder_gallery(tmp_path / "photos"), max_pixels=10**7)
+    source = FolderSource("photos", listing, max_pixels=10**7)
+    directory = index_dir(tmp_path / "index", gallery="photos", model_id=encoder.model_id)
+
+    manifest = build_index(encoder, source, directory=directory, batch_size=4, progress=False)
+    loaded = load_index(directory, encoder, gallery="photos")
+
+    assert (manifest.kind, manifest.count, manifest.skipped) == ("folder", 6, 1)
+    assert loaded.paths == listing.paths
+    assert loaded.class_names == ("unlabelled", "bags", "shoes")
+    queries = encoder.embed(source.images(0, len(source)))
+    _, indices = loaded.search(queries, k=1)
+    np.testing.assert_array_equal(indices[:, 0], np.arange(6))
+    assert own_gallery_dirs(tmp_path / "index", model_id=encoder.model_id, exclude=GALLERY) == [
+        directory
+    ]
+    assert own_gallery_dirs(tmp_path / "index", model_id="other", exclude=GALLERY) == []

@@ -1,0 +1,58 @@
+"""What the workers announce about themselves (worker.heartbeat), as the API sees it.
+
+Read from Redis at most once a second per API process and shared by every request: readiness,
+the galleries jobs may name, and whether text search is on somewhere.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+from shared.jobs import AsyncJobStore
+
+HEARTBEAT_WINDOW_S = 15.0
+CACHE_S = 1.0
+
+
+@dataclass(frozen=True)
+class FleetView:
+    workers: list[dict[str, Any]] = field(default_factory=list)
+
+    @property
+    def ready(self) -> list[dict[str, Any]]:
+        return [w for w in self.workers if w.get("state") == "ready"]
+
+    @property
+    def galleries(self) -> dict[str, dict[str, Any]]:
+        """Each gallery some ready worker serves, by name."""
+        found: dict[str, dict[str, Any]] = {}
+        for worker in self.ready:
+            for gallery in worker.get("galleries") or []:
+                found.setdefault(str(gallery.get("name")), gallery)
+        return found
+
+    @property
+    def modes(self) -> dict[str, bool]:
+        ready = self.ready
+        return {
+            "image": bool(ready),
+            "text": any((w.get("modes") or {}).get("text") for w in ready),
+        }
+
+
+class Fleet:
+    def __init__(self, store: AsyncJobStore, *, cache_s: float = CACHE_S) -> None:
+        self.store = store
+        self.cache_s = cache_s
+        self._view: FleetView | None = None
+        self._read_at = 0.0
+
+    async def view(self, *, fresh: bool = False) -> FleetView:
+        """The workers with a recent heartbeat (Redis errors propagate: a 503)."""
+        if fresh or self._view is None or time.monotonic() - self._read_at > self.cache_s:
+            workers = await self.store.ready_workers(within_s=HEARTBEAT_WINDOW_S)
+            self._view = FleetView(workers)
+            self._read_at = time.monotonic()
+        return self._view

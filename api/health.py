@@ -1,0 +1,100 @@
+"""Watching the service: liveness, readiness (with the modes workers serve) and metrics."""
+
+from __future__ import annotations
+
+from typing import Any
+
+from fastapi import APIRouter, Request, Response
+from fastapi.concurrency import run_in_threadpool
+from fastapi.responses import JSONResponse
+from pydantic import BaseModel
+
+from api.fleet import Fleet
+from api.routes import problem_responses
+from api.security import authorise
+from shared.jobs import AsyncJobStore
+from shared.metrics import Metrics, read_stored, render
+from shared.settings import Settings
+
+router = APIRouter()
+
+
+class Health(BaseModel):
+    status: str
+
+
+class Readiness(BaseModel):
+    status: str
+    modes: dict[str, bool]
+    galleries: list[str]
+    workers: list[dict[str, Any]]
+
+
+@router.get("/healthz", response_model=Health, summary="The API process is alive")
+async def healthz() -> Health:
+    return Health(status="ok")
+
+
+@router.get(
+    "/readyz",
+    response_model=Readiness,
+    responses=problem_responses(503),
+    summary="Redis is reachable and at least one worker has its model and index loaded",
+)
+async def readyz(request: Request) -> Any:
+    store: AsyncJobStore = request.app.state.store
+    fleet: Fleet = request.app.state.fleet
+    try:
+        await store.client.ping()
+        view = await fleet.view(fresh=True)
+    except Exception as error:
+        return _not_ready(f"Redis is unreachable ({type(error).__name__}).")
+    # A failed worker's record outlives its process for a while, so its reason can be read.
+    if not view.ready:
+        if view.workers:
+            states = "; ".join(
+                f"{w.get('name')}: {w.get('reason') or w.get('state')}" for w in view.workers
+            )
+            return _not_ready(f"No worker is ready yet ({states}).")
+        return _not_ready("No worker is running.")
+    return Readiness(
+        status="ready",
+        modes=view.modes,
+        galleries=sorted(view.galleries),
+        workers=[{k: v for k, v in w.items() if k != "galleries"} for w in view.ready],
+    )
+
+
+def _not_ready(reason: str) -> JSONResponse:
+    return JSONResponse({"detail": reason}, status_code=503, headers={"Retry-After": "5"})
+
+
+@router.get(
+    "/metrics",
+    response_class=Response,
+    responses={200: {"content": {"text/plain": {}}}, **problem_responses(401, 503)},
+    summary="Prometheus metrics of the API and every worker",
+)
+async def metrics(request: Request) -> Response:
+    authorise(request)
+    settings: Settings = request.app.state.settings
+    store: AsyncJobStore = request.app.state.store
+    own: Metrics = request.app.state.metrics
+    await run_in_threadpool(own.flush)
+    stored = read_stored(await store.client.hgetall(own.key))
+    queue = int(await store.client.llen(settings.broker.queue))
+    pending = int(await store.client.zcard(store.keys.pending))
+    view = await request.app.state.fleet.view(fresh=True)
+    states: dict[str, int] = {"ready": 0, "loading": 0, "failed": 0}
+    for worker in view.workers:
+        state = str(worker.get("state"))
+        states[state] = states.get(state, 0) + 1
+    gauges = [
+        ("lookalike_queue_length", "Jobs waiting in the broker queue.", {}, float(queue)),
+        ("lookalike_jobs_unfinished", "Jobs accepted and not yet ended.", {}, float(pending)),
+        *(
+            ("lookalike_workers", "Workers with a recent heartbeat, by state.", {"state": s}, n)
+            for s, n in sorted(states.items())
+        ),
+    ]
+    return Response(render(stored, gauges), media_type="text/plain; version=0.0.4; charset=utf-8")

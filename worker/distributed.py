@@ -1,0 +1,290 @@
+"""``lookalike index build --distributed``: a build spread over the running workers.
+
+The gallery is cut into the build's chunks (worker.index.CHUNK images); each missing chunk is
+one Celery task on the build queue (``<queue>.build``), taken by whichever worker is free. The
+worker embeds it with the model it already holds, checks that model is the builder's, and
+hands back the embeddings and thumbnails through Redis; the builder saves each chunk where a
+local build would (so the build resumes the same way, however it was started) and assembles
+the index at the end. At most two chunks per worker are in flight, so the work stays
+balanced and a job submitted meanwhile waits for one chunk at most.
+
+Workers need the gallery's files: Fashion-MNIST's IDX files, or the folder at the same path.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import time
+import uuid
+from dataclasses import dataclass, field
+from functools import lru_cache
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import redis
+
+from shared.celery_config import INDEX_CHUNK_TASK, build_queue, make_celery
+from shared.errors import LookalikeError
+from shared.galleries import (
+    FashionMnistSource,
+    FolderListing,
+    FolderSource,
+    GallerySource,
+)
+from shared.settings import FASHION_MNIST, Settings
+from worker.encoder import ClipImageEncoder, load_encoder
+from worker.index import Manifest, embed_chunk, finish_index, open_build, progress_bar
+
+log = logging.getLogger(__name__)
+
+IN_FLIGHT_PER_WORKER = 2
+RESULT_TTL_S = 3600
+MAX_SENDS = 3
+HEARTBEAT_WINDOW_S = 15.0
+
+
+class BuildFailed(LookalikeError):
+    """A distributed build cannot finish; the message says why."""
+
+
+@dataclass
+class _Chunk:
+    start: int
+    stop: int
+    sent_at: float = 0.0
+    sends: int = 0
+    task_ids: list[str] = field(default_factory=list)
+
+
+def chunk_spec(
+    source: GallerySource,
+    encoder: ClipImageEncoder,
+    *,
+    build_id: str,
+    start: int,
+    stop: int,
+    batch_size: int,
+) -> dict[str, Any]:
+    """What a worker needs to compute one chunk: plain JSON."""
+    spec: dict[str, Any] = {
+        "build_id": build_id,
+        "kind": source.kind,
+        "gallery": source.name,
+        "start": start,
+        "stop": stop,
+        "batch_size": batch_size,
+        "model_id": encoder.model_id,
+        "preprocessing_digest": encoder.preprocessing_digest,
+    }
+    if isinstance(source, FolderSource):
+        assert source.paths is not None
+        spec["root"] = str(source.root.resolve())
+        spec["paths"] = source.paths[start:stop]
+    return spec
+
+
+class _Keys:
+    def __init__(self, prefix: str, build_id: str) -> None:
+        base = f"{prefix}:build:{build_id}"
+        self.done = f"{base}:done"
+        self.progress = f"{base}:progress"
+
+    def result(self, start: int) -> str:
+        return f"{self.done}:{start}"
+
+
+# --- the worker's side -----------------------------------------------------------------------
+
+
+@lru_cache(maxsize=2)
+def _fashion_mnist(data_dir: str | None, size: int) -> FashionMnistSource:
+    return FashionMnistSource.load(Path(data_dir) if data_dir else None, size=size)
+
+
+def chunk_source(spec: dict[str, Any], *, data_dir: Path | None, max_pixels: int) -> GallerySource:
+    """The images of one chunk as the worker can read them; indices start at 0."""
+    if spec["kind"] == FASHION_MNIST:
+        gallery = _fashion_mnist(str(data_dir) if data_dir else None, int(spec["stop"]))
+        return FashionMnistSource(
+            gallery.pixels[spec["start"] : spec["stop"]],
+            gallery.labels[spec["start"] : spec["stop"]],
+        )
+    paths = [str(p) for p in spec["paths"]]
+    listing = FolderListing(root=Path(spec["root"]), paths=paths, labels=[0] * len(paths))
+    return FolderSource(str(spec["gallery"]), listing, max_pixels=max_pixels)
+
+
+def compute_chunk(
+    client: redis.Redis,
+    prefix: str,
+    spec: dict[str, Any],
+    encoder: ClipImageEncoder,
+    *,
+    data_dir: Path | None,
+    max_pixels: int,
+    worker_name: str,
+) -> None:
+    """Embed one chunk and hand the result back through Redis (an error is handed back too)."""
+    keys = _Keys(prefix, str(spec["build_id"]))
+    start = int(spec["start"])
+    try:
+        if (spec["model_id"], spec["preprocessing_digest"]) != (
+            encoder.model_id,
+            encoder.preprocessing_digest,
+        ):
+            raise BuildFailed(
+                f"worker {worker_name} holds {encoder.model_id!r}, the build is for "
+                f"{spec['model_id']!r}: build where the workers run the same model"
+            )
+        source = chunk_source(spec, data_dir=data_dir, max_pixels=max_pixels)
+        embeddings, thumbnails = embed_chunk(
+            encoder,
+            source,
+            0,
+            len(source),
+            batch_size=int(spec["batch_size"]),
+            on_batch=lambda n: client.incrby(keys.progress, n),
+        )
+        payload = _pack(embeddings, thumbnails, precision=encoder.precision, worker=worker_name)
+    except LookalikeError as error:
+        payload = json.dumps({"error": f"{worker_name}: {error}"}).encode()
+    with client.pipeline(transaction=True) as pipe:
+        pipe.set(keys.result(start), payload, ex=RESULT_TTL_S)
+        pipe.rpush(keys.done, start)
+        pipe.expire(keys.done, RESULT_TTL_S)
+        pipe.execute()
+
+
+def _pack(embeddings: np.ndarray, thumbnails: list[bytes], *, precision: str, worker: str) -> bytes:
+    buffer = io.BytesIO()
+    np.savez(
+        buffer,
+        embeddings=embeddings,
+        offsets=np.cumsum([0, *(len(t) for t in thumbnails)]),
+        thumbnails=np.frombuffer(b"".join(thumbnails), dtype=np.uint8),
+        meta=np.frombuffer(
+            json.dumps({"precision": precision, "worker": worker}).encode(), np.uint8
+        ),
+    )
+    return buffer.getvalue()
+
+
+def _unpack(payload: bytes) -> tuple[np.ndarray, list[bytes], dict[str, Any]]:
+    if payload.startswith(b"{"):
+        raise BuildFailed(str(json.loads(payload)["error"]))
+    with np.load(io.BytesIO(payload)) as loaded:
+        offsets = loaded["offsets"]
+        blob = loaded["thumbnails"].tobytes()
+        thumbnails = [blob[offsets[i] : offsets[i + 1]] for i in range(len(offsets) - 1)]
+        meta = json.loads(loaded["meta"].tobytes())
+        return loaded["embeddings"], thumbnails, meta
+
+
+# --- the builder's side ----------------------------------------------------------------------
+
+
+def ready_workers(client: redis.Redis, prefix: str) -> list[dict[str, Any]]:
+    cutoff = time.time() - HEARTBEAT_WINDOW_S
+    names = client.zrangebyscore(f"{prefix}:workers", cutoff, "+inf")
+    records = [client.get(f"{prefix}:worker:{n.decode()}") for n in names]  # type: ignore[union-attr]
+    workers = [json.loads(r) for r in records if r]
+    return [w for w in workers if w.get("state") == "ready"]
+
+
+def build_index_distributed(
+    settings: Settings,
+    source: GallerySource,
+    *,
+    directory: Path,
+    batch_size: int,
+    progress: bool = True,
+    chunk_timeout_s: float | None = None,
+) -> Manifest:
+    """Build ``source``'s index with the running workers; resumes like a local build."""
+    started = time.perf_counter()
+    client = redis.Redis.from_url(settings.broker.redis_url, socket_connect_timeout=3)
+    prefix = settings.storage.key_prefix
+    try:
+        workers = ready_workers(client, prefix)
+    except redis.RedisError as error:
+        raise BuildFailed(f"Redis at LOOKALIKE_REDIS_URL is unreachable ({error})") from error
+    if not workers:
+        raise BuildFailed(
+            "no worker is ready to take chunks: start workers ('lookalike worker'), "
+            "or build here without --distributed"
+        )
+    encoder = load_encoder(settings.model, probe_images=source.images(0, 8))
+    parts, missing = open_build(encoder, source, directory)
+    build_id = uuid.uuid4().hex
+    keys = _Keys(prefix, build_id)
+    celery = make_celery(settings, name="lookalike-builder")
+    queue = build_queue(settings)
+    limit = chunk_timeout_s or float(settings.broker.task_time_limit_s)
+    chunks = {start: _Chunk(start, stop) for start, stop in missing}
+    waiting = list(chunks.values())
+    in_flight: dict[int, _Chunk] = {}
+    already = len(source) - sum(c.stop - c.start for c in chunks.values())
+    bar = progress_bar(total=len(source), initial=already, enabled=progress)
+    shown = 0
+    precisions: set[str] = set()
+    print(
+        f"indexing {len(source)} images of {source.name} on {len(workers)} worker(s), "
+        f"{len(missing)} chunk(s) to embed",
+        flush=True,
+    )
+
+    def send(chunk: _Chunk) -> None:
+        task_id = uuid.uuid4().hex
+        spec = chunk_spec(
+            source,
+            encoder,
+            build_id=build_id,
+            start=chunk.start,
+            stop=chunk.stop,
+            batch_size=batch_size,
+        )
+        celery.send_task(INDEX_CHUNK_TASK, args=[spec], task_id=task_id, queue=queue)
+        chunk.sent_at, chunk.sends = time.monotonic(), chunk.sends + 1
+        chunk.task_ids.append(task_id)
+        in_flight[chunk.start] = chunk
+
+    try:
+        while waiting or in_flight:
+            capacity = IN_FLIGHT_PER_WORKER * max(1, len(ready_workers(client, prefix)))
+            while waiting and len(in_flight) < capacity:
+                send(waiting.pop(0))
+            popped = client.blpop([keys.done], timeout=1)
+            if popped is not None:
+                start = int(popped[1])
+                payload = client.get(keys.result(start))
+                client.delete(keys.result(start))
+                if start in in_flight and isinstance(payload, bytes):  # else: a late duplicate
+                    embeddings, thumbnails, meta = _unpack(payload)
+                    parts.save(start, embeddings, thumbnails)
+                    precisions.add(str(meta.get("precision")))
+                    del in_flight[start]
+            for chunk in list(in_flight.values()):  # a worker died with it: send it again
+                if time.monotonic() - chunk.sent_at > limit:
+                    if chunk.sends >= MAX_SENDS:
+                        raise BuildFailed(
+                            f"chunk {chunk.start}-{chunk.stop} was sent {chunk.sends} times "
+                            "and never came back: are the workers alive?"
+                        )
+                    log.warning(
+                        "chunk %d: no answer in %.0fs, sending it again", chunk.start, limit
+                    )
+                    send(chunk)
+            done = min(int(client.get(keys.progress) or 0), len(source) - already)
+            bar.update(max(0, done - shown))  # resent chunks count twice: capped
+            shown = max(shown, done)
+    finally:
+        bar.close()
+        client.delete(keys.progress, keys.done)
+    if len(precisions) == 1:
+        encoder.precision = precisions.pop()
+    elif precisions:
+        encoder.precision = "mixed: " + ", ".join(sorted(precisions))
+    return finish_index(encoder, source, parts, directory=directory, started=started)
