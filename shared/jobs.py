@@ -203,6 +203,17 @@ def _stage_create(pipe: Any, keys: Keys, new: NewJob, *, ttl_s: int) -> JobRecor
     return job
 
 
+@dataclass(frozen=True)
+class Started:
+    """A job a worker just started: ``attempt`` is -1 when it had already ended, -2 when it
+    is gone (expired); ``job`` and ``upload`` as read right after starting it."""
+
+    job_id: str
+    attempt: int
+    job: JobRecord | None
+    upload: bytes | None
+
+
 class JobStore:
     """Synchronous access for the worker and the CLI."""
 
@@ -237,6 +248,30 @@ class JobStore:
         data = self.client.get(self.keys.upload(job_id))
         return data if isinstance(data, bytes) else None
 
+    def start_many(self, job_ids: Sequence[str], *, worker: str) -> list[Started]:
+        """Start several jobs in one round trip: each attempt, record and upload."""
+        moment = now()
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id in job_ids:
+                keys = [self.keys.job(job_id), self.keys.events(job_id), self.keys.pending]
+                args: list[str | float] = [job_id, moment.isoformat(), worker, moment.timestamp()]
+                self._start(keys=keys, args=args, client=pipe)
+                pipe.hgetall(self.keys.job(job_id))
+                pipe.get(self.keys.upload(job_id))
+            replies = pipe.execute()
+        started = []
+        for i, job_id in enumerate(job_ids):
+            attempt, raw, upload = replies[3 * i : 3 * i + 3]
+            started.append(
+                Started(
+                    job_id=job_id,
+                    attempt=int(attempt),
+                    job=parse_record(raw) if int(attempt) > 0 else None,
+                    upload=upload if isinstance(upload, bytes) else None,
+                )
+            )
+        return started
+
     def start(self, job_id: str, *, worker: str = "") -> int:
         """Mark running and count the attempt; -1 if already final, -2 if gone."""
         moment = now()
@@ -264,6 +299,22 @@ class JobStore:
     def fail(self, job_id: str, error: str) -> bool:
         """Record why the job failed unless it already ended."""
         return self._end(job_id, JobStatus.FAILED, "error", error)
+
+    def succeed_many(self, results: Sequence[tuple[str, JobResult]]) -> list[bool]:
+        """Store several results in one round trip; True where that call ended the job."""
+        moment = now().isoformat()
+        with self.client.pipeline(transaction=False) as pipe:
+            for job_id, result in results:
+                keys = [self.keys.job(job_id), self.keys.events(job_id), self.keys.pending]
+                args = [
+                    job_id,
+                    JobStatus.SUCCEEDED.value,
+                    moment,
+                    "result",
+                    result.model_dump_json(),
+                ]
+                self._finish(keys=keys, args=args, client=pipe)
+            return [int(reply) == 1 for reply in pipe.execute()]
 
     def _end(self, job_id: str, status: JobStatus, field: str, value: str) -> bool:
         keys = [self.keys.job(job_id), self.keys.events(job_id), self.keys.pending]

@@ -30,11 +30,11 @@ class JobKind(StrEnum):
 
 
 class JobStage(StrEnum):
-    """Where a running job is: decoding its upload, embedding it, searching the gallery."""
+    """Where a running job is: decoding its upload, then embedding it (the search that
+    follows takes well under a millisecond, the result is stored at once)."""
 
     DECODING = "decoding"
     EMBEDDING = "embedding"
-    SEARCHING = "searching"
 
 
 class Match(BaseModel):

@@ -8,6 +8,8 @@ benchmarks: its matches are meaningless, and every result says so.
 
 from __future__ import annotations
 
+import copy
+import dataclasses
 import hashlib
 import json
 import logging
@@ -45,7 +47,10 @@ RANDOM_SHAPES: dict[str, dict[str, Any]] = {"vit-b-32": {"initializer_factor": 5
 RANDOM_SEED = 0
 CONVERSION = "lookalike-rgb-v1"  # shared.images.to_rgb; bump when it changes
 EQUIVALENCE_MIN_COSINE = 0.99
-INT8_MIN_COSINE = 0.995
+FAST_MIN_COSINE = 0.995
+# On CPU, int8 is the fastest path for a few images; bf16 (where the CPU has bf16 dot
+# products) overtakes it for batches from this size on (see lookalike bench --model-only).
+BF16_FROM_BATCH = 8
 
 
 def resolve_device(requested: str, *, cuda_available: bool, mps_available: bool = False) -> str:
@@ -70,6 +75,9 @@ def accelerator_dtype(device: str) -> torch.dtype:
 
 @dataclass
 class ClipImageEncoder:
+    """CLIP's image tower. ``model`` embeds small batches; ``batch_model``, when set, embeds
+    batches of ``batch_from`` images or more (another precision of the same weights)."""
+
     model_id: str
     model: torch.nn.Module
     processor: Any
@@ -78,6 +86,9 @@ class ClipImageEncoder:
     precision: str
     is_random: bool
     notes: list[str] = field(default_factory=list)
+    batch_model: torch.nn.Module | None = None
+    batch_dtype: torch.dtype = torch.float32
+    batch_from: int = 0
 
     @property
     def dim(self) -> int:
@@ -114,11 +125,18 @@ class ClipImageEncoder:
         pixels: torch.Tensor = batch["pixel_values"]
         return pixels
 
+    def path_for(self, batch: int) -> tuple[torch.nn.Module, torch.dtype]:
+        """The model and input dtype that embed a batch of ``batch`` images."""
+        if self.batch_model is not None and batch >= self.batch_from:
+            return self.batch_model, self.batch_dtype
+        return self.model, self.dtype
+
     @torch.inference_mode()
     def embed_pixels(self, pixel_values: torch.Tensor) -> Embeddings:
         """One forward pass; returns L2-normalised float32 rows."""
-        x = pixel_values.to(self.device, dtype=self.dtype, non_blocking=True)
-        features = self.model(pixel_values=x).image_embeds.float()
+        model, dtype = self.path_for(int(pixel_values.shape[0]))
+        x = pixel_values.to(self.device, dtype=dtype, non_blocking=True)
+        features = model(pixel_values=x).image_embeds.float()
         features = torch.nn.functional.normalize(features, dim=-1)
         return np.ascontiguousarray(features.cpu().numpy(), dtype=np.float32)
 
@@ -170,9 +188,9 @@ def load_encoder(
 ) -> ClipImageEncoder:
     """Load CLIP's image tower once; raise :class:`ModelLoadError` naming LOOKALIKE_MODEL.
 
-    On CPU, with ``fast_cpu=auto``, the linear layers are quantised to int8 when the quantised
-    model's embeddings of the probes (gallery images, or an index's stored probe pixels) keep
-    cosine >= 0.995 with fp32's; else fp32 stays.
+    On CPU, faster paths replace fp32 only where their embeddings of the probes (gallery
+    images, or an index's stored probe pixels) keep cosine >= 0.995 with fp32's: int8 dynamic
+    quantisation of the linear layers, and bf16 for batches (where the CPU supports it).
     """
     name = settings.name
     if settings.threads:
@@ -217,10 +235,10 @@ def load_encoder(
         precision="fp16" if dtype == torch.float16 else "fp32",
         is_random=name.startswith(RANDOM_MODEL_PREFIX),
     )
-    if device == "cpu" and settings.fast_cpu == "auto":
+    if device == "cpu" and settings.fast_cpu != "off":
         if probe_pixels is None:
             probe_pixels = encoder.pixels(probe_images or _synthetic_probes())
-        _try_int8(encoder, probe_pixels)
+        choose_cpu_paths(encoder, probe_pixels, mode=settings.fast_cpu)
     log.info(
         "loaded %s on %s (%s) in %.1fs",
         name,
@@ -231,33 +249,81 @@ def load_encoder(
     return encoder
 
 
-def _try_int8(encoder: ClipImageEncoder, pixels: torch.Tensor) -> None:
-    """Switch to int8 dynamic quantisation only if it keeps the embeddings (checked here).
+def bf16_supported() -> bool:
+    """Whether this CPU has native bf16 dot products (else bf16 is emulated, and slow)."""
+    try:
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    except (AttributeError, RuntimeError):
+        return False
 
-    Dynamic quantisation scales activations per batch, so an image embedded alone differs
-    from the same image embedded among others: both are compared with fp32, and the worst
-    cosine must reach ``INT8_MIN_COSINE`` (a margin over the 0.99 promised for every image).
-    """
-    reference = encoder.embed_pixels(pixels)
-    fp32_model = encoder.model
+
+def _int8(model: torch.nn.Module) -> torch.nn.Module:
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        quantised = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
-            fp32_model, {torch.nn.Linear}, dtype=torch.qint8
+        quantised: torch.nn.Module = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
+            model, {torch.nn.Linear}, dtype=torch.qint8
         )
-    encoder.model = quantised
-    batched = encoder.embed_pixels(pixels)
-    alone = np.concatenate([encoder.embed_pixels(pixels[i : i + 1]) for i in range(len(pixels))])
-    worst = float(
+    return quantised
+
+
+def _bf16(model: torch.nn.Module) -> torch.nn.Module:
+    return copy.deepcopy(model).to(torch.bfloat16)
+
+
+def _worst_cosine(
+    encoder: ClipImageEncoder,
+    model: torch.nn.Module,
+    dtype: torch.dtype,
+    pixels: torch.Tensor,
+    reference: Embeddings,
+) -> float:
+    """The worst cosine with fp32 of the probes embedded together and one by one (dynamic
+    quantisation scales activations per batch, so both can differ)."""
+    trial = dataclasses.replace(encoder, model=model, dtype=dtype, batch_model=None, notes=[])
+    batched = trial.embed_pixels(pixels)
+    alone = np.concatenate([trial.embed_pixels(pixels[i : i + 1]) for i in range(len(pixels))])
+    return float(
         min(np.min(np.sum(reference * batched, axis=1)), np.min(np.sum(reference * alone, axis=1)))
     )
-    if worst >= INT8_MIN_COSINE:
-        encoder.precision = "int8-dynamic"
-        encoder.notes.append(f"int8 kept: min cosine {worst:.4f} vs fp32 on {len(pixels)} probes")
-    else:
-        encoder.model = fp32_model
-        encoder.notes.append(f"int8 refused: min cosine {worst:.4f} < {INT8_MIN_COSINE}")
-    log.info(encoder.notes[-1])
+
+
+def choose_cpu_paths(encoder: ClipImageEncoder, pixels: torch.Tensor, *, mode: str) -> None:
+    """Replace fp32 by the faster CPU paths that keep the embeddings (checked here, on the
+    probes, against fp32): int8 for small batches, bf16 for batches (``mode`` auto), or one
+    of them for all (``int8``, ``bf16``). A path whose worst cosine is below
+    ``FAST_MIN_COSINE`` (a margin over the 0.99 promised for every image) is refused."""
+    fp32 = encoder.model
+    reference = encoder.embed_pixels(pixels)
+    kept: dict[str, tuple[torch.nn.Module, torch.dtype]] = {}
+    candidates: list[tuple[str, Any, torch.dtype]] = []
+    if mode in ("auto", "int8"):
+        candidates.append(("int8-dynamic", _int8, torch.float32))
+    if mode in ("auto", "bf16"):
+        if bf16_supported():
+            candidates.append(("bf16", _bf16, torch.bfloat16))
+        else:
+            encoder.notes.append("bf16 skipped: this CPU has no native bf16")
+    for name, convert, dtype in candidates:
+        model = convert(fp32)
+        worst = _worst_cosine(encoder, model, dtype, pixels, reference)
+        verdict = "kept" if worst >= FAST_MIN_COSINE else "refused"
+        label = "int8" if name.startswith("int8") else name
+        encoder.notes.append(
+            f"{label} {verdict}: min cosine {worst:.4f} vs fp32 on {len(pixels)} probes"
+        )
+        if worst >= FAST_MIN_COSINE:
+            kept[name] = (model, dtype)
+    small = next((n for n in ("int8-dynamic", "bf16") if n in kept), None)
+    large = next((n for n in ("bf16", "int8-dynamic") if n in kept), None)
+    if small is not None:
+        encoder.model, encoder.dtype = kept[small]
+        encoder.precision = small
+    if large is not None and large != small:
+        encoder.batch_model, encoder.batch_dtype = kept[large]
+        encoder.batch_from = BF16_FROM_BATCH
+        encoder.precision = f"{small} + {large} from batch {BF16_FROM_BATCH}"
+    for note in encoder.notes:
+        log.info(note)
 
 
 def _synthetic_probes(count: int = 8) -> list[Image.Image]:

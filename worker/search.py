@@ -18,7 +18,7 @@ from PIL import Image
 
 from shared.errors import ImageRejected, JobFailed
 from shared.images import decode_upload
-from shared.jobs import JobRecord, JobStore, now
+from shared.jobs import JobRecord, JobStore, Started, now
 from shared.logs import job_fields
 from shared.metrics import Metrics
 from shared.schemas import (
@@ -78,16 +78,16 @@ def run_search_jobs(
     jobs they hit and then raised, so nothing is swallowed.
     """
     context = Context(worker_name, max_pixels, max_attempts, metrics)
+    began = time.time()
     ready: list[_Ready] = []
-    for job_id in job_ids:
-        began = time.time()
-        job = _start(store, job_id, context)
+    for started in store.start_many(job_ids, worker=worker_name):
+        job = _started(store, started, context)
         if job is None:
             continue
         t0 = time.perf_counter()
         try:
             engine.gallery(job.gallery)  # an unknown gallery fails before any work
-            image = _prepare(store, engine, job, max_pixels=max_pixels)
+            image = _prepare(engine, job, started.upload, max_pixels=max_pixels)
         except JobFailed as error:
             _fail(store, job.id, error.reason, str(error), context)
             continue
@@ -101,7 +101,6 @@ def run_search_jobs(
         ready = _embed(engine, ready, store, context)
         if not ready:
             return
-        store.set_stage([r.job.id for r in ready], JobStage.SEARCHING)
         answered = _search(engine, ready)
     except redis.RedisError:
         raise
@@ -114,47 +113,51 @@ def run_search_jobs(
     if metrics is not None:
         for size in {len([r for r in ready if r.job.kind == kind]) for kind in JobKind} - {0}:
             metrics.observe("lookalike_batch_size", size)
-    for item, scores, indices, search_ms in answered:
-        result = _result(
-            engine,
+    results = [
+        (
             item,
-            scores,
-            indices,
-            worker_name=worker_name,
-            batch_size=len(ready),
-            search_ms=search_ms,
+            _result(
+                engine,
+                item,
+                scores,
+                indices,
+                worker_name=worker_name,
+                batch_size=len(ready),
+                search_ms=search_ms,
+            ),
         )
-        _succeed(store, item, result, context)
+        for item, scores, indices, search_ms in answered
+    ]
+    stored = store.succeed_many([(item.job.id, result) for item, result in results])
+    for (item, result), ended_it in zip(results, stored, strict=True):
+        _succeeded(item.job.id, result, ended_it, context)
 
 
-def _start(store: JobStore, job_id: str, context: Context) -> JobRecord | None:
-    attempt = store.start(job_id, worker=context.worker_name)
-    if attempt < 0:
+def _started(store: JobStore, started: Started, context: Context) -> JobRecord | None:
+    job_id, attempt = started.job_id, started.attempt
+    if attempt < 0 or started.job is None:
         log.info("job %s: already ended or expired, skipping", job_id, extra=job_fields(job_id))
         return None
     if attempt > context.max_attempts:
         _fail(store, job_id, "attempts", TOO_MANY_ATTEMPTS.format(n=attempt - 1), context)
         return None
-    job = store.get(job_id)
-    if job is not None:
-        log.info(
-            "job %s: started (attempt %d)",
-            job_id,
-            attempt,
-            extra=job_fields(job_id, stage="start", attempt=attempt, worker=context.worker_name),
-        )
-    return job
+    log.info(
+        "job %s: started (attempt %d)",
+        job_id,
+        attempt,
+        extra=job_fields(job_id, stage="start", attempt=attempt, worker=context.worker_name),
+    )
+    return started.job
 
 
 def _prepare(
-    store: JobStore, engine: Engine, job: JobRecord, *, max_pixels: int
+    engine: Engine, job: JobRecord, data: bytes | None, *, max_pixels: int
 ) -> Image.Image | None:
     """The job's decoded image, or None for a text job (checked answerable here)."""
     if job.kind == JobKind.TEXT:
         if engine.text_encoder is None:
             raise JobFailed(TEXT_OFF, reason="text_off")
         return None
-    data = store.upload(job.id)
     if data is None:
         raise JobFailed(UPLOAD_GONE, reason="upload_gone")
     try:
@@ -239,9 +242,7 @@ def _search(
     return answered
 
 
-def _succeed(store: JobStore, item: _Ready, result: JobResult, context: Context) -> None:
-    job_id = item.job.id
-    stored = store.succeed(job_id, result)
+def _succeeded(job_id: str, result: JobResult, stored: bool, context: Context) -> None:
     metrics = context.metrics
     if metrics is not None:
         if not stored:

@@ -36,8 +36,21 @@ def answer(job_ids: Sequence[str]) -> None:
     )
 
 
+def queue_is_empty() -> bool:
+    """Nothing more is waiting for this worker: a batch of what it holds is as big as it gets."""
+    try:
+        return int(store().client.llen(settings.broker.queue)) == 0
+    except redis.RedisError:
+        return False  # let the flush timer decide
+
+
 class ReconnectingBatches(Batches):  # type: ignore[misc]
-    """celery-batches, made to survive a broker reconnection.
+    """celery-batches, made to survive a broker reconnection, and to answer a lone job at once.
+
+    celery-batches flushes its buffer every ``flush_interval``, so even a job that arrives at
+    an idle worker waits for the timer. Here a message that finds the queue empty flushes the
+    buffer at once (nothing more would join the batch); under load the queue is not empty,
+    and the timer gathers what arrives meanwhile, up to ``flush_every``.
 
     When the connection to Redis drops, Celery restarts its consumer (and its timers) and
     rebuilds each task's strategy. celery-batches would keep a reference to its old flush
@@ -55,7 +68,13 @@ class ReconnectingBatches(Batches):  # type: ignore[misc]
         strategy = super().Strategy(task, app, consumer)
         if self._buffer.qsize() or self._pending.qsize():
             self._tref = consumer.timer.call_repeatedly(self.flush_interval, self._do_flush)
-        return strategy
+
+        def handle(*args: Any, **kwargs: Any) -> None:
+            strategy(*args, **kwargs)
+            if self._buffer.qsize() and queue_is_empty():
+                self._do_flush()
+
+        return handle
 
 
 def job_ids_of(args: Sequence[Any]) -> list[str]:

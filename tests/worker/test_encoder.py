@@ -11,6 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
+import worker.encoder as encoder_module
 from shared.errors import ModelLoadError
 from shared.settings import ModelSettings
 from worker.encoder import ClipImageEncoder, accelerator_dtype, load_encoder, resolve_device
@@ -138,16 +139,15 @@ def test_fast_cpu_auto_uses_int8_only_when_embeddings_agree(
     images = pictures(8, seed=5)
     reference = fp32_encoder.embed(images)
 
-    assert len(encoder.notes) == 1
-    if encoder.precision == "int8-dynamic":
+    assert encoder.notes[0].startswith(("int8 kept", "int8 refused"))
+    if encoder.precision.startswith("int8-dynamic"):
         assert encoder.notes[0].startswith("int8 kept")
-        alone = np.concatenate([encoder.embed([image]) for image in images])
-        assert np.min(cosines(encoder.embed(images), reference)) >= 0.99
-        assert np.min(cosines(alone, reference)) >= 0.99
-    else:
-        assert encoder.precision == "fp32"
-        assert encoder.notes[0].startswith("int8 refused")
+    elif encoder.precision == "fp32":
+        assert all(" refused" in note or " skipped" in note for note in encoder.notes)
         np.testing.assert_allclose(encoder.embed(images), reference, atol=1e-6)
+    alone = np.concatenate([encoder.embed([image]) for image in images])
+    assert np.min(cosines(encoder.embed(images), reference)) >= 0.99
+    assert np.min(cosines(alone, reference)) >= 0.99
 
 
 def test_fast_cpu_auto_refuses_int8_that_moves_embeddings(
@@ -164,7 +164,7 @@ def test_fast_cpu_auto_refuses_int8_that_moves_embeddings(
     monkeypatch.setattr(torch.ao.quantization, "quantize_dynamic", scrambling_quantiser)
     images = pictures(4)
 
-    encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="auto"))
+    encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="int8"))
 
     assert encoder.precision == "fp32"
     assert encoder.notes[-1].startswith("int8 refused")
@@ -179,10 +179,61 @@ def test_fast_cpu_auto_keeps_int8_that_keeps_embeddings(
 
     monkeypatch.setattr(torch.ao.quantization, "quantize_dynamic", faithful_quantiser)
 
-    encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="auto"))
+    encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="int8"))
 
     assert encoder.precision == "int8-dynamic"
     assert encoder.notes[-1].startswith("int8 kept")
+    assert encoder.batch_model is None
+
+
+def test_fast_cpu_auto_embeds_batches_in_bf16_and_few_images_in_int8(
+    tiny_clip_dir: Path, fp32_encoder: ClipImageEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(encoder_module, "bf16_supported", lambda: True)
+    monkeypatch.setattr(  # the tiny model's int8 verdict is not what this test is about
+        torch.ao.quantization, "quantize_dynamic", lambda model, *a, **k: copy.deepcopy(model)
+    )
+    encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="auto"))
+    images = pictures(encoder_module.BF16_FROM_BATCH)
+
+    assert encoder.precision == (f"int8-dynamic + bf16 from batch {encoder_module.BF16_FROM_BATCH}")
+    assert encoder.path_for(1)[1] == torch.float32
+    assert encoder.path_for(encoder_module.BF16_FROM_BATCH) == (
+        encoder.batch_model,
+        torch.bfloat16,
+    )
+    reference = fp32_encoder.embed(images)
+    assert np.min(cosines(encoder.embed(images), reference)) >= 0.99
+    assert np.min(cosines(encoder.embed(images[:1]), reference[:1])) >= 0.99
+
+
+def test_fast_cpu_refuses_bf16_that_moves_embeddings(
+    tiny_clip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def scrambled_bf16(model: torch.nn.Module) -> torch.nn.Module:
+        scrambled = copy.deepcopy(model).to(torch.bfloat16)
+        with torch.no_grad():
+            scrambled.visual_projection.weight.mul_(-1.0)
+        return scrambled
+
+    monkeypatch.setattr(encoder_module, "bf16_supported", lambda: True)
+    monkeypatch.setattr(encoder_module, "_bf16", scrambled_bf16)
+
+    encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="bf16"))
+
+    assert (encoder.precision, encoder.batch_model) == ("fp32", None)
+    assert encoder.notes[-1].startswith("bf16 refused")
+
+
+def test_fast_cpu_skips_bf16_on_a_cpu_without_it(
+    tiny_clip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(encoder_module, "bf16_supported", lambda: False)
+
+    encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="bf16"))
+
+    assert encoder.precision == "fp32"
+    assert encoder.notes == ["bf16 skipped: this CPU has no native bf16"]
 
 
 # --- refusals -----------------------------------------------------------------------------------
