@@ -117,7 +117,9 @@ def scan_folder(
     max_pixels: int,
     on_file: Callable[[], object] | None = None,
 ) -> FolderListing:
-    """Every readable image under ``root`` (sorted), labelled by its top-level sub-folder.
+    """Every readable image under ``root``, labelled by its top-level sub-folder.
+
+    The order is stable: a folder's own files (sorted by name), then its sub-folders' (sorted).
 
     Files whose names are not image names are ignored (counted); image files that do not
     decode (corrupt, too many pixels, another format in disguise) are listed in ``skipped``.

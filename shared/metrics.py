@@ -104,18 +104,20 @@ class Metrics:
             pending, self._pending = self._pending, defaultdict(float)
         if not pending:
             return
+        fields = list(pending.items())
         try:
             with self.client.pipeline(transaction=False) as pipe:
-                for field, value in pending.items():
-                    if float(value).is_integer():
-                        pipe.hincrby(self.key, field, int(value))
-                    else:
-                        pipe.hincrbyfloat(self.key, field, value)
-                pipe.execute()
-        except redis.RedisError as error:  # keep the counts for the next flush
+                for field, value in fields:
+                    # Always the float command: a sum holds a float, and HINCRBY refuses one.
+                    pipe.hincrbyfloat(self.key, field, value)
+                replies = pipe.execute(raise_on_error=False)
+        except redis.RedisError as error:  # nothing was sent: keep every count
             log.warning("metrics not flushed (%s); retrying", error)
-            with self._lock:
-                for field, value in pending.items():
+            replies = [error] * len(fields)
+        failed = [(f, v) for (f, v), reply in zip(fields, replies, strict=True) if _failed(reply)]
+        if failed:
+            with self._lock:  # only what did not land is counted again
+                for field, value in failed:
                     self._pending[field] += value
 
     def start(self, interval_s: float = FLUSH_S) -> None:
@@ -129,6 +131,10 @@ class Metrics:
     def stop(self) -> None:
         self._stop.set()
         self.flush()
+
+
+def _failed(reply: object) -> bool:
+    return isinstance(reply, Exception)
 
 
 def _number(value: float) -> str:
@@ -171,7 +177,7 @@ def _histogram_lines(name: str, definition: Definition, stored: Mapping[str, flo
     prefix = f"{name}_bucket"
     for field, value in stored.items():
         if field.startswith(prefix):
-            label_text, _, le = field[len(prefix) :].partition("|")
+            label_text, _, le = field[len(prefix) :].rpartition("|")
             label_sets[label_text][le] = value
     lines = []
     for label_text in sorted(label_sets):

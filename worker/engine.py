@@ -54,7 +54,7 @@ class Engine:
         try:
             return self.galleries[name]
         except KeyError:
-            raise JobFailed(UNKNOWN_GALLERY.format(name=name)) from None
+            raise JobFailed(UNKNOWN_GALLERY.format(name=name), reason="unknown_gallery") from None
 
     @property
     def modes(self) -> dict[str, bool]:

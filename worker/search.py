@@ -111,8 +111,10 @@ def run_search_jobs(
             )
         raise
     if metrics is not None:
-        for size in {len([r for r in ready if r.job.kind == kind]) for kind in JobKind} - {0}:
-            metrics.observe("lookalike_batch_size", size)
+        for kind in JobKind:  # one forward pass per kind
+            size = sum(1 for r in ready if r.job.kind == kind)
+            if size:
+                metrics.observe("lookalike_batch_size", size)
     results = [
         (
             item,

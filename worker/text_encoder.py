@@ -36,6 +36,10 @@ from worker.encoder import RANDOM_SEED, RANDOM_SHAPES, accelerator_dtype
 log = logging.getLogger(__name__)
 
 MAX_TOKENS = 77  # CLIP's context length: longer queries are cut
+NEEDS_TEXT = (
+    "Text search needs a full CLIP checkpoint with its tokenizer; "
+    "set LOOKALIKE_TEXT_SEARCH=off to serve images only."
+)
 
 
 @dataclass
@@ -108,11 +112,28 @@ def _load(name: str) -> tuple[torch.nn.Module, Any]:
     elif isinstance(config, CLIPTextConfig):
         text_config = config
     else:
+        raise ModelLoadError(f"{name!r} has no text tower ({type(config).__name__}). {NEEDS_TEXT}")
+    model, info = CLIPTextModelWithProjection.from_pretrained(
+        name, config=text_config, output_loading_info=True
+    )
+    missing = [key for key in info.get("missing_keys", ()) if "position_ids" not in key]
+    if missing:  # transformers would run a randomly initialised text tower
         raise ModelLoadError(
-            f"LOOKALIKE_MODEL={name} is a {type(config).__name__}, not a CLIP checkpoint"
+            f"{name!r} lacks text weights ({', '.join(sorted(missing)[:3])}...). {NEEDS_TEXT}"
         )
-    model = CLIPTextModelWithProjection.from_pretrained(name, config=text_config)
-    return model, AutoTokenizer.from_pretrained(name)
+    tokenizer = AutoTokenizer.from_pretrained(name)
+    _check_tokenizer(name, tokenizer)
+    return model, tokenizer
+
+
+def _check_tokenizer(name: str, tokenizer: Any) -> None:
+    """A checkpoint without tokenizer files yields an empty vocabulary: every text would be
+    the unknown token, and every text query would return the same matches."""
+    ids = tokenizer("a photo of a shoe")["input_ids"]
+    special = {tokenizer.bos_token_id, tokenizer.eos_token_id, tokenizer.pad_token_id}
+    words = [i for i in ids if i not in special]
+    if not words or all(i == tokenizer.unk_token_id for i in words):
+        raise ModelLoadError(f"{name!r} has no usable tokenizer files. {NEEDS_TEXT}")
 
 
 def load_text_encoder(name: str, *, device: str) -> ClipTextEncoder:
@@ -132,8 +153,7 @@ def load_text_encoder(name: str, *, device: str) -> ClipTextEncoder:
     except Exception as error:
         first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(
-            f"Could not load the text tower of {name!r}: {first}. Text search needs a full CLIP "
-            "checkpoint with its tokenizer; set LOOKALIKE_TEXT_SEARCH=off to serve images only."
+            f"Could not load the text tower of {name!r}: {first}. {NEEDS_TEXT}"
         ) from error
     dtype = accelerator_dtype(device)
     model = model.eval().to(device=device, dtype=dtype)

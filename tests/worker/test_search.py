@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 import numpy as np
@@ -10,12 +11,14 @@ import redis
 
 from shared.fashion_mnist import CLASS_NAMES, load_gallery
 from shared.images import NOT_AN_IMAGE, TOO_MANY_PIXELS
-from shared.jobs import JobStore, new_job_id
-from shared.schemas import Job, JobStatus
-from shared.settings import GallerySettings, ModelSettings, Settings
+from shared.jobs import JobRecord, JobStore, new_job_id
+from shared.metrics import Metrics, read_stored
+from shared.schemas import Job, JobKind, JobStatus
+from shared.settings import FASHION_MNIST, GallerySettings, ModelSettings, Settings
 from tests.support import gallery_png
-from worker.engine import Engine, load_engine
-from worker.search import TOO_MANY_ATTEMPTS, UPLOAD_GONE, run_search_job
+from worker.engine import TEXT_OFF, UNKNOWN_GALLERY, Engine, load_engine
+from worker.search import TOO_MANY_ATTEMPTS, UPLOAD_GONE, run_search_job, run_search_jobs
+from worker.text_encoder import load_text_encoder
 
 SIZE = 100
 MAX_PIXELS = 1_000_000
@@ -204,3 +207,251 @@ def test_unexpected_error_is_recorded_then_raised(
     assert job is not None
     assert job.status is JobStatus.FAILED
     assert job.error == "The worker hit an internal error (RuntimeError)."
+
+
+# --- text jobs, galleries, batches and metrics -------------------------------------------------
+
+METRICS_PREFIX = "lookalike-test"
+
+
+@pytest.fixture(scope="module")
+def text_engine(engine: Engine) -> Engine:
+    """The same model and galleries, with CLIP's text tower loaded too."""
+    return Engine(
+        encoder=engine.encoder,
+        galleries=engine.galleries,
+        default_gallery=engine.default_gallery,
+        load_seconds=0.0,
+        text_encoder=load_text_encoder(engine.encoder.model_id, device="cpu"),
+    )
+
+
+@pytest.fixture(scope="module")
+def image_only_engine(engine: Engine) -> Engine:
+    """The same model and galleries with text search off (LOOKALIKE_TEXT_SEARCH=off)."""
+    return dataclasses.replace(engine, text_encoder=None)
+
+
+def run_jobs(
+    store: JobStore, engine: Engine, job_ids: list[str], *, metrics: Metrics | None = None
+) -> list[JobRecord]:
+    run_search_jobs(
+        store,
+        engine,
+        job_ids,
+        worker_name=WORKER,
+        max_pixels=MAX_PIXELS,
+        max_attempts=MAX_ATTEMPTS,
+        metrics=metrics,
+    )
+    jobs = []
+    for job_id in job_ids:
+        job = store.get(job_id)
+        assert job is not None
+        jobs.append(job)
+    return jobs
+
+
+def text_job(store: JobStore, text: str, *, k: int = 3, gallery: str = FASHION_MNIST) -> str:
+    job_id = new_job_id()
+    store.create(job_id, text=text, k=k, gallery=gallery)
+    return job_id
+
+
+def test_text_job_succeeds_with_gallery_matches(store: JobStore, text_engine: Engine) -> None:
+    job_id = text_job(store, "a shoe", k=3)
+
+    [job] = run_jobs(store, text_engine, [job_id])
+
+    assert job.status is JobStatus.SUCCEEDED, job.error
+    assert (job.kind, job.text) == (JobKind.TEXT, "a shoe")
+    assert job.result is not None
+    matches = job.result.matches
+    assert [m.rank for m in matches] == [1, 2, 3]
+    assert [m.score for m in matches] == sorted((m.score for m in matches), reverse=True)
+    assert len({m.index for m in matches}) == 3
+    for match in matches:
+        assert 0 <= match.index < SIZE
+        assert match.image_url == f"/gallery/{match.index}.png?gallery={FASHION_MNIST}"
+        assert match.label_name == CLASS_NAMES[match.label]
+    assert (job.result.gallery.name, job.result.gallery.size) == (FASHION_MNIST, SIZE)
+
+
+def test_text_job_fails_when_text_search_is_off(store: JobStore, image_only_engine: Engine) -> None:
+    job_id = text_job(store, "a shoe")
+
+    [job] = run_jobs(store, image_only_engine, [job_id])
+
+    assert (job.status, job.error, job.result) == (JobStatus.FAILED, TEXT_OFF, None)
+
+
+@pytest.mark.parametrize("kind", [JobKind.IMAGE, JobKind.TEXT])
+def test_job_naming_an_unknown_gallery_fails_naming_it(
+    store: JobStore, text_engine: Engine, fake_data_dir: Path, kind: JobKind
+) -> None:
+    job_id = new_job_id()
+    if kind is JobKind.IMAGE:
+        store.create(job_id, upload=gallery_png(fake_data_dir, 0), k=3, gallery="holiday-snaps")
+    else:
+        store.create(job_id, text="a shoe", k=3, gallery="holiday-snaps")
+
+    [job] = run_jobs(store, text_engine, [job_id])
+
+    assert job.status is JobStatus.FAILED
+    assert job.error == "The gallery 'holiday-snaps' is not served by this worker."
+    assert job.error == UNKNOWN_GALLERY.format(name="holiday-snaps")
+
+
+def test_mixed_batch_answers_each_job_with_its_own_kind(
+    store: JobStore, text_engine: Engine, fake_data_dir: Path
+) -> None:
+    alone = text_job(store, "a red sneaker", k=4)
+    [expected] = run_jobs(store, text_engine, [alone])
+    first = submitted(store, gallery_png(fake_data_dir, 42), k=2)
+    text = text_job(store, "a red sneaker", k=4)
+    second = submitted(store, gallery_png(fake_data_dir, 7), k=3)
+
+    jobs = run_jobs(store, text_engine, [first, text, second])
+
+    assert [job.status for job in jobs] == [JobStatus.SUCCEEDED] * 3, [j.error for j in jobs]
+    image_a, by_text, image_b = (job.result for job in jobs)
+    assert image_a is not None and by_text is not None and image_b is not None
+    assert ([m.index for m in image_a.matches][0], len(image_a.matches)) == (42, 2)
+    assert ([m.index for m in image_b.matches][0], len(image_b.matches)) == (7, 3)
+    assert expected.result is not None
+    assert [m.index for m in by_text.matches] == [m.index for m in expected.result.matches]
+    assert [m.score for m in by_text.matches] == pytest.approx(
+        [m.score for m in expected.result.matches], abs=1e-4
+    )
+    assert [job.kind for job in jobs] == [JobKind.IMAGE, JobKind.TEXT, JobKind.IMAGE]
+
+
+def test_failing_image_in_a_mixed_batch_fails_alone(
+    store: JobStore, text_engine: Engine, fake_data_dir: Path
+) -> None:
+    bad = submitted(store, b"%PDF-1.7\nnot a picture\n")
+    good = submitted(store, gallery_png(fake_data_dir, 5), k=1)
+    text = text_job(store, "a bag", k=1)
+
+    jobs = run_jobs(store, text_engine, [bad, good, text])
+
+    assert [job.status for job in jobs] == [
+        JobStatus.FAILED,
+        JobStatus.SUCCEEDED,
+        JobStatus.SUCCEEDED,
+    ]
+    assert jobs[0].error == NOT_AN_IMAGE
+
+
+def test_job_stage_is_cleared_after_the_end(
+    store: JobStore, text_engine: Engine, fake_data_dir: Path
+) -> None:
+    ids = [
+        submitted(store, gallery_png(fake_data_dir, 1), k=2),
+        text_job(store, "a coat", k=2),
+        submitted(store, b"not an image at all"),
+        text_job(store, "a coat", gallery="nowhere"),
+    ]
+
+    jobs = run_jobs(store, text_engine, ids)
+
+    assert [job.status.is_final for job in jobs] == [True] * 4
+    assert [job.stage for job in jobs] == [None] * 4
+
+
+def finished(values: dict[str, float], *, status: str, reason: str = "") -> float:
+    return values.get(f'lookalike_jobs_finished_total{{reason="{reason}",status="{status}"}}', 0)
+
+
+def test_metrics_count_finished_jobs_by_status_and_reason(
+    store: JobStore,
+    image_only_engine: Engine,
+    text_engine: Engine,
+    fake_data_dir: Path,
+    redis_client: redis.Redis,
+) -> None:
+    metrics = Metrics(redis_client, prefix=METRICS_PREFIX)
+    gone = submitted(store, gallery_png(fake_data_dir, 0))
+    redis_client.delete(store.keys.upload(gone))
+    batch = [
+        submitted(store, gallery_png(fake_data_dir, 3), k=2),
+        text_job(store, "a dress", k=2),
+        submitted(store, b"%PDF-1.7\nnot a picture\n"),
+        gone,
+    ]
+    run_jobs(store, text_engine, batch, metrics=metrics)
+    run_jobs(store, image_only_engine, [text_job(store, "a dress")], metrics=metrics)
+
+    metrics.flush()
+
+    values = read_stored(redis_client.hgetall(f"{METRICS_PREFIX}:metrics"))
+    assert finished(values, status="succeeded") == 2
+    assert finished(values, status="failed", reason="bad_image") == 1
+    assert finished(values, status="failed", reason="upload_gone") == 1
+    assert finished(values, status="failed", reason="text_off") == 1
+    assert values["lookalike_job_latency_seconds_count"] == 2
+    assert values['lookalike_job_stage_seconds_count{stage="embed"}'] == 2
+    assert "lookalike_jobs_duplicate_total" not in values
+
+
+def test_metrics_observe_one_batch_size_per_forward_pass(
+    store: JobStore, text_engine: Engine, fake_data_dir: Path, redis_client: redis.Redis
+) -> None:
+    metrics = Metrics(redis_client, prefix=METRICS_PREFIX)
+    batch = [
+        submitted(store, gallery_png(fake_data_dir, 3), k=1),
+        text_job(store, "a dress", k=1),
+        submitted(store, gallery_png(fake_data_dir, 4), k=1),
+    ]
+
+    run_jobs(store, text_engine, batch, metrics=metrics)
+    metrics.flush()
+
+    values = read_stored(redis_client.hgetall(f"{METRICS_PREFIX}:metrics"))
+    assert values["lookalike_batch_size_count"] == 2  # images, then texts
+    assert values["lookalike_batch_size_sum"] == 3
+    assert values["lookalike_batch_size_bucket|1"] == 1
+    assert values["lookalike_batch_size_bucket|2"] == 1
+
+
+def test_metrics_observe_two_forward_passes_of_the_same_size(
+    store: JobStore, text_engine: Engine, fake_data_dir: Path, redis_client: redis.Redis
+) -> None:
+    metrics = Metrics(redis_client, prefix=METRICS_PREFIX)
+    batch = [submitted(store, gallery_png(fake_data_dir, 3), k=1), text_job(store, "a dress", k=1)]
+
+    run_jobs(store, text_engine, batch, metrics=metrics)
+    metrics.flush()
+
+    values = read_stored(redis_client.hgetall(f"{METRICS_PREFIX}:metrics"))
+    assert values["lookalike_batch_size_count"] == 2
+    assert values["lookalike_batch_size_bucket|1"] == 2
+
+
+def test_metrics_count_a_recomputed_job_as_a_duplicate(
+    store: JobStore, engine: Engine, fake_data_dir: Path, redis_client: redis.Redis
+) -> None:
+    metrics = Metrics(redis_client, prefix=METRICS_PREFIX)
+    job_id = submitted(store, gallery_png(fake_data_dir, 0), k=1)
+
+    job, _ = run_jobs(store, engine, [job_id, job_id], metrics=metrics)  # delivered twice
+    metrics.flush()
+
+    values = read_stored(redis_client.hgetall(f"{METRICS_PREFIX}:metrics"))
+    assert finished(values, status="succeeded") == 1
+    assert values["lookalike_jobs_duplicate_total"] == 1
+    assert job.status is JobStatus.SUCCEEDED
+
+
+def test_metrics_label_an_unknown_gallery_as_unknown_gallery(
+    store: JobStore, engine: Engine, fake_data_dir: Path, redis_client: redis.Redis
+) -> None:
+    metrics = Metrics(redis_client, prefix=METRICS_PREFIX)
+    job_id = new_job_id()
+    store.create(job_id, upload=gallery_png(fake_data_dir, 0), k=1, gallery="holiday-snaps")
+
+    run_jobs(store, engine, [job_id], metrics=metrics)
+    metrics.flush()
+
+    values = read_stored(redis_client.hgetall(f"{METRICS_PREFIX}:metrics"))
+    assert finished(values, status="failed", reason="unknown_gallery") == 1
