@@ -92,6 +92,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         max_bytes=settings.storage.max_upload_bytes,
         max_files={"/jobs/batch": settings.api.max_batch_files},
         timeout_s=settings.api.body_timeout_s,
+        on_refuse=lambda status: _count(app, status),
     )
     app.include_router(router)
     app.include_router(pictures_router)
@@ -104,10 +105,15 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     return app
 
 
-def _count_refusal(request: Request, status: int) -> None:
-    metrics: Metrics | None = getattr(request.app.state, "metrics", None)
-    if metrics is not None and request.url.path.startswith("/jobs"):
+def _count(app: FastAPI, status: int) -> None:
+    metrics: Metrics | None = getattr(app.state, "metrics", None)
+    if metrics is not None:
         metrics.inc("lookalike_requests_refused_total", {"status": str(status)})
+
+
+def _count_refusal(request: Request, status: int) -> None:
+    if request.url.path.startswith("/jobs"):
+        _count(request.app, status)
 
 
 async def _counted_refusal(request: Request, exc: Exception) -> Any:

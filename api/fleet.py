@@ -26,15 +26,22 @@ class FleetView:
 
     @property
     def galleries(self) -> dict[str, dict[str, Any]]:
-        """Each gallery some ready worker serves, by name."""
+        """The galleries every ready worker serves, by name: all workers take jobs from the
+        same queue, so a gallery only some of them hold would fail on the others."""
+        ready = self.ready
         found: dict[str, dict[str, Any]] = {}
-        for worker in self.ready:
+        for worker in ready:
             for gallery in worker.get("galleries") or []:
                 found.setdefault(str(gallery.get("name")), gallery)
+        for worker in ready:
+            held = {str(g.get("name")) for g in worker.get("galleries") or []}
+            found = {name: g for name, g in found.items() if name in held}
         return found
 
     @property
     def modes(self) -> dict[str, bool]:
+        """Text jobs have their own queue, which only text-capable workers consume: one such
+        worker is enough."""
         ready = self.ready
         return {
             "image": bool(ready),

@@ -12,6 +12,7 @@ from pydantic import BaseModel
 from api.fleet import Fleet
 from api.routes import problem_responses
 from api.security import authorise
+from shared.celery_config import search_queues
 from shared.jobs import AsyncJobStore
 from shared.metrics import Metrics, read_stored, render
 from shared.settings import Settings
@@ -82,7 +83,7 @@ async def metrics(request: Request) -> Response:
     own: Metrics = request.app.state.metrics
     await run_in_threadpool(own.flush)
     stored = read_stored(await store.client.hgetall(own.key))
-    queue = int(await store.client.llen(settings.broker.queue))
+    queues = {name: await store.queue_length(name) for name in search_queues(settings)}
     pending = int(await store.client.zcard(store.keys.pending))
     view = await request.app.state.fleet.view(fresh=True)
     states: dict[str, int] = {"ready": 0, "loading": 0, "failed": 0}
@@ -90,7 +91,10 @@ async def metrics(request: Request) -> Response:
         state = str(worker.get("state"))
         states[state] = states.get(state, 0) + 1
     gauges = [
-        ("lookalike_queue_length", "Jobs waiting in the broker queue.", {}, float(queue)),
+        *(
+            ("lookalike_queue_length", "Jobs waiting in a broker queue.", {"queue": q}, float(n))
+            for q, n in queues.items()
+        ),
         ("lookalike_jobs_unfinished", "Jobs accepted and not yet ended.", {}, float(pending)),
         *(
             ("lookalike_workers", "Workers with a recent heartbeat, by state.", {"state": s}, n)

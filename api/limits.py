@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -40,8 +41,10 @@ class BodySizeLimit:
         max_bytes: int,
         max_files: dict[str, int] | None = None,
         timeout_s: float = 60.0,
+        on_refuse: Callable[[int], object] | None = None,
     ) -> None:
         self.app = app
+        self.on_refuse = on_refuse  # counts the refusals (metrics)
         self.max_bytes = max_bytes
         # Multipart framing and a small form field or two ride on top of the file itself.
         self.max_body = max_bytes + 64 * 1024
@@ -105,6 +108,8 @@ class BodySizeLimit:
                 await self._refuse(send, error)
 
     async def _refuse(self, send: Send, refusal: BodyRefused) -> None:
+        if self.on_refuse is not None:
+            self.on_refuse(refusal.status)
         body = json.dumps({"detail": refusal.detail}).encode()
         await send(
             {

@@ -19,7 +19,7 @@ from PIL import Image
 from api.fleet import Fleet
 from api.routes import JOB_NOT_FOUND, problem_responses, readable_job
 from shared.errors import ImageRejected
-from shared.galleries import THUMBS, ThumbnailPack, find_gallery_dirs
+from shared.galleries import THUMBS, ThumbnailPack, find_gallery_dirs, pack_stamp
 from shared.grid import Tile, fit, render_grid, text_tile
 from shared.images import decode_upload
 from shared.jobs import AsyncJobStore, JobRecord
@@ -43,7 +43,8 @@ Size = Annotated[
 
 
 class GalleryImages:
-    """Thumbnail packs by gallery name, opened once per API process."""
+    """Thumbnail packs by gallery name, opened once per API process and reopened when the
+    gallery is rebuilt (or its workers now advertise another index folder)."""
 
     def __init__(self, root: pathlib.Path) -> None:
         self.root = root
@@ -52,15 +53,26 @@ class GalleryImages:
 
     def pack(self, name: str, *, advertised_dir: str | None = None) -> ThumbnailPack:
         with self._lock:
-            if name in self._packs:
-                return self._packs[name]
+            cached = self._packs.get(name)
+            if cached is not None and self._current(cached, advertised_dir):
+                return cached
             candidates = [self.root / advertised_dir] if advertised_dir else []
             candidates += list(find_gallery_dirs(self.root, name))
             for directory in candidates:
                 if ThumbnailPack.exists(directory / THUMBS):
                     self._packs[name] = ThumbnailPack(directory / THUMBS)
                     return self._packs[name]
+            self._packs.pop(name, None)
         raise HTTPException(404, NO_GALLERY_IMAGES.format(name=name))
+
+    def _current(self, pack: ThumbnailPack, advertised_dir: str | None) -> bool:
+        stem = pack.path.with_suffix("")
+        if advertised_dir and stem.parent != self.root / advertised_dir:
+            return False
+        try:
+            return pack_stamp(stem) == pack.stamp
+        except OSError:  # removed
+            return False
 
     def image(self, name: str, index: int, *, advertised_dir: str | None = None) -> Image.Image:
         pack = self.pack(name, advertised_dir=advertised_dir)

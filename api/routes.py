@@ -31,14 +31,14 @@ from api.uploads import (
     Submission,
     read_submission,
 )
-from shared.celery_config import SEARCH_TASK
+from shared.celery_config import SEARCH_TASK, job_queue, search_queues
 from shared.errors import ImageRejected
 from shared.images import decode_upload
 from shared.jobs import AsyncJobStore, JobRecord, NewJob, is_job_id, new_job_id
 from shared.logs import job_fields
 from shared.metrics import Metrics
 from shared.schemas import Job, Problem
-from shared.settings import Settings
+from shared.settings import GALLERY_NAME, Settings
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -54,7 +54,11 @@ STREAM_MAX_S = 600.0
 
 K = Annotated[int | None, Query(ge=1, le=50, description="How many matches (default 5)")]
 GalleryName = Annotated[
-    str | None, Query(description="The gallery to search (default: the server's)")
+    str | None,
+    Query(
+        pattern=f"^{GALLERY_NAME.pattern}$",
+        description="The gallery to search (default: the server's)",
+    ),
 ]
 
 
@@ -85,7 +89,7 @@ async def create_job(
         raise HTTPException(422, NO_FILE)
     if len(submission.files) > 1:
         raise HTTPException(400, ONE_FILE)
-    jobs = await _accept(request, submission, k=k, gallery=gallery, owner=owner)
+    jobs = await _accept(request, submission, max_files=1, k=k, gallery=gallery, owner=owner)
     response.headers["Location"] = f"/jobs/{jobs[0].id}"
     return jobs[0]
 
@@ -106,7 +110,7 @@ async def create_batch(request: Request, k: K = None, gallery: GalleryName = Non
         raise HTTPException(400, BATCH_NO_TEXT)
     if not 1 <= len(submission.files) <= limit:
         raise HTTPException(400, BATCH_FILES.format(n=limit))
-    jobs = await _accept(request, submission, k=k, gallery=gallery, owner=owner)
+    jobs = await _accept(request, submission, max_files=limit, k=k, gallery=gallery, owner=owner)
     return BatchAccepted(jobs=jobs)
 
 
@@ -114,6 +118,7 @@ async def _accept(
     request: Request,
     submission: Submission,
     *,
+    max_files: int,
     k: int | None,
     gallery: str | None,
     owner: str | None,
@@ -121,12 +126,14 @@ async def _accept(
     """Validate, store and enqueue the jobs of a submission; all of them or none."""
     settings: Settings = request.app.state.settings
     store: AsyncJobStore = request.app.state.store
-    await run_in_threadpool(_check_images, submission.files, settings=settings)
+    await run_in_threadpool(
+        _check_images, submission.files, settings=settings, numbered=max_files > 1
+    )
     top_k = k if k is not None else (submission.k or settings.gallery.top_k)
     gallery_name = gallery or submission.gallery or settings.gallery.name
     await _check_servable(request.app.state.fleet, gallery_name, text=submission.text is not None)
     count = max(1, len(submission.files))
-    queued = await store.queue_length(settings.broker.queue)
+    queued = await store.queue_length(*search_queues(settings))
     if queued + count > settings.broker.max_queued:
         raise HTTPException(429, QUEUE_FULL, headers={"Retry-After": "2"})
     uploads: list[bytes | None] = list(submission.files) or [None]
@@ -143,7 +150,10 @@ async def _accept(
     ]
     records = await store.create(new)
     try:
-        await run_in_threadpool(_enqueue, request.app.state.celery, [job.job_id for job in new])
+        queue = job_queue(settings, records[0].kind)
+        await run_in_threadpool(
+            _enqueue, request.app.state.celery, [job.job_id for job in new], queue=queue
+        )
     except OperationalError:
         await store.discard([job.job_id for job in new])
         log.warning("could not enqueue %d job(s): Redis unavailable", len(new))
@@ -162,10 +172,11 @@ async def _accept(
     return [record.public() for record in records]
 
 
-def _check_images(files: list[bytes], *, settings: Settings) -> None:
-    """Refuse the submission if any file is too large or not an image we accept."""
+def _check_images(files: list[bytes], *, settings: Settings, numbered: bool) -> None:
+    """Refuse the submission if any file is too large or not an image we accept; a batch's
+    refusals say which file (``File 2: ...``)."""
     limit = settings.storage.max_upload_bytes
-    several = len(files) > 1
+    several = numbered
     for number, data in enumerate(files, start=1):
         if len(data) > limit:
             detail = TOO_LARGE.format(limit=human_size(limit))
@@ -187,10 +198,12 @@ async def _check_servable(fleet: Fleet, gallery: str, *, text: bool) -> None:
         raise HTTPException(422, TEXT_OFF)
 
 
-def _enqueue(celery: Any, job_ids: list[str]) -> None:
+def _enqueue(celery: Any, job_ids: list[str], *, queue: str) -> None:
     with celery.producer_or_acquire() as producer:
         for job_id in job_ids:
-            celery.send_task(SEARCH_TASK, args=[job_id], task_id=job_id, producer=producer)
+            celery.send_task(
+                SEARCH_TASK, args=[job_id], task_id=job_id, queue=queue, producer=producer
+            )
 
 
 async def readable_job(request: Request, job_id: str) -> JobRecord:

@@ -7,10 +7,26 @@ from typing import Any
 
 from celery import Celery
 
+from shared.schemas import JobKind
 from shared.settings import Settings
 
 SEARCH_TASK = "lookalike.search"
 INDEX_CHUNK_TASK = "lookalike.index_chunk"
+
+
+def text_queue(settings: Settings) -> str:
+    """Text jobs wait apart: only workers with text search on consume this queue, so a fleet
+    can mix text and image-only workers."""
+    return f"{settings.broker.queue}.text"
+
+
+def job_queue(settings: Settings, kind: JobKind) -> str:
+    return text_queue(settings) if kind == JobKind.TEXT else settings.broker.queue
+
+
+def search_queues(settings: Settings) -> list[str]:
+    """Every queue where jobs wait."""
+    return [settings.broker.queue, text_queue(settings)]
 
 
 def build_queue(settings: Settings) -> str:

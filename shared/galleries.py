@@ -241,11 +241,23 @@ def write_thumbnail_pack(stem: Path, thumbnails: Iterable[bytes]) -> int:
 
 
 class ThumbnailPack:
-    """Read-only access to a thumbnail pack (an index folder's ``thumbs``)."""
+    """Read-only access to a thumbnail pack (an index folder's ``thumbs``).
+
+    The data file is opened once, so offsets and data come from the same build even if the
+    pack is replaced meanwhile (a rebuild replaces files atomically); :attr:`stamp` tells a
+    reader when to open the new one.
+    """
 
     def __init__(self, stem: Path) -> None:
         self.path, offsets_path = pack_files(stem)
+        self.stamp = pack_stamp(stem)
         self.offsets: npt.NDArray[np.int64] = np.load(offsets_path, mmap_mode="r")
+        self._fd = os.open(self.path, os.O_RDONLY)
+
+    def __del__(self) -> None:
+        fd = getattr(self, "_fd", None)
+        if fd is not None:
+            os.close(fd)
 
     @staticmethod
     def exists(stem: Path) -> bool:
@@ -258,18 +270,21 @@ class ThumbnailPack:
         if not 0 <= index < len(self):
             raise IndexError(index)
         start, stop = int(self.offsets[index]), int(self.offsets[index + 1])
-        with self.path.open("rb") as handle:
-            handle.seek(start)
-            return handle.read(stop - start)
+        return os.pread(self._fd, stop - start, start)
 
     def iter_all(self) -> Iterable[bytes]:
-        with self.path.open("rb") as handle:
-            for index in range(len(self)):
-                yield handle.read(int(self.offsets[index + 1] - self.offsets[index]))
+        for index in range(len(self)):
+            yield self.get(index)
 
     def image(self, index: int) -> Image.Image:
         with Image.open(io.BytesIO(self.get(index))) as image:
             return image.convert("RGB")
+
+
+def pack_stamp(stem: Path) -> tuple[int, int]:
+    """Changes when the pack ``stem`` is replaced (inode and time of its offsets file)."""
+    stat = pack_files(stem)[1].stat()
+    return stat.st_ino, stat.st_mtime_ns
 
 
 def read_manifest(directory: Path) -> dict[str, object] | None:

@@ -351,8 +351,12 @@ class AsyncJobStore:
                 pipe.zrem(self.keys.pending, job_id)
             await pipe.execute()
 
-    async def queue_length(self, queue: str) -> int:
-        return int(await self.client.llen(queue))
+    async def queue_length(self, *queues: str) -> int:
+        """Messages waiting in these queues (not those already handed to a worker)."""
+        async with self.client.pipeline(transaction=False) as pipe:
+            for queue in queues:
+                pipe.llen(queue)
+            return sum(int(n) for n in await pipe.execute())
 
     async def ready_workers(self, *, within_s: float) -> list[dict[str, Any]]:
         """The workers whose heartbeat is fresher than ``within_s`` seconds."""

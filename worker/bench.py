@@ -132,15 +132,21 @@ def compare_paths(
     pixels = fast.pixels(list(images[:batch_size]))
     base_runs: list[float] = []
     fast_runs: list[float] = []
+    base_one: list[float] = []
+    fast_one: list[float] = []
 
     def both(i: int) -> None:
-        for encoder, runs in ((baseline, base_runs), (fast, fast_runs)):
+        for encoder, runs, one in ((baseline, base_runs, base_one), (fast, fast_runs, fast_one)):
             started = time.perf_counter()
             encoder.embed_pixels(pixels)
             runs.append(time.perf_counter() - started)
+            started = time.perf_counter()
+            encoder.embed_pixels(pixels[i % len(pixels) : i % len(pixels) + 1])
+            one.append(time.perf_counter() - started)
 
     timed_runs(both, repeats=1 + repeats, warmup=0, budget_s=COMPARE_BUDGET_S)
     base_runs, fast_runs = base_runs[1:], fast_runs[1:]  # the first pair warmed up
+    base_one, fast_one = base_one[1:], fast_one[1:]
     base_rows = np.concatenate(
         [baseline.embed(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
     )
@@ -159,6 +165,11 @@ def compare_paths(
         "fp32_images_per_s": pixels.shape[0] / base_ms * 1000,
         "fast_images_per_s": pixels.shape[0] / fast_ms * 1000,
         "speedup": base_ms / fast_ms,
+        # What batching can win: time per image alone over time per image in the batch.
+        "fp32_batch1_ms": median_ms(base_one),
+        "fast_batch1_ms": median_ms(fast_one),
+        "fp32_batch_gain": median_ms(base_one) / (base_ms / pixels.shape[0]),
+        "fast_batch_gain": median_ms(fast_one) / (fast_ms / pixels.shape[0]),
         "cosine_images": len(images),
         "min_cosine": float(np.min(cosines)),
         "mean_cosine": float(np.mean(cosines)),
@@ -316,7 +327,7 @@ def run_model_bench(
     needed = min(max(batch_size, compare_images), FASHION_MNIST_SIZE)
     images = gallery_to_images(load_gallery(settings.gallery.data_dir, size=needed).images)
     startup_figures = measure_startup(settings) if startup else None
-    fast = load_encoder(settings.model)
+    fast = load_encoder(settings.model, probe_images=images[:8])
     baseline = load_encoder(settings.model.model_copy(update={"fast_cpu": "off"}))
     if baseline.dtype != torch.float32:  # fp16 on a GPU: the baseline is plain fp32
         baseline.model = baseline.model.float()
@@ -373,6 +384,10 @@ def format_model_report(report: dict[str, Any]) -> str:
         f"({cmp_['fp32_images_per_s']:.1f} img/s), {cmp_['fast_precision']} "
         f"{cmp_['fast_ms']:.0f} ms ({cmp_['fast_images_per_s']:.1f} img/s): "
         f"speed-up x{cmp_['speedup']:.2f}",
+        f"batch gain   time per image at batch 1 over time per image at batch "
+        f"{cmp_['batch_size']}: fp32 x{cmp_['fp32_batch_gain']:.2f} "
+        f"({cmp_['fp32_batch1_ms']:.1f} ms alone), fast x{cmp_['fast_batch_gain']:.2f} "
+        f"({cmp_['fast_batch1_ms']:.1f} ms alone): the most batching can give",
         f"             cosine fp32 vs fast over {cmp_['cosine_images']} gallery images: "
         f"min {cmp_['min_cosine']:.4f}, mean {cmp_['mean_cosine']:.4f}",
         f"search       {search['source']}: {search['note']}",

@@ -236,9 +236,10 @@ def load_encoder(
         is_random=name.startswith(RANDOM_MODEL_PREFIX),
     )
     if device == "cpu" and settings.fast_cpu != "off":
-        if probe_pixels is None:
-            probe_pixels = encoder.pixels(probe_images or _synthetic_probes())
-        choose_cpu_paths(encoder, probe_pixels, mode=settings.fast_cpu)
+        probes = [encoder.pixels(probe_images)] if probe_images else []
+        probes += [probe_pixels] if probe_pixels is not None else []
+        pixels = torch.cat(probes) if probes else encoder.pixels(_synthetic_probes())
+        choose_cpu_paths(encoder, pixels, mode=settings.fast_cpu)
     log.info(
         "loaded %s on %s (%s) in %.1fs",
         name,

@@ -16,6 +16,8 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import torch
+
 from shared.errors import IndexMismatch, JobFailed
 from shared.galleries import FashionMnistSource, read_manifest
 from shared.settings import FASHION_MNIST, Settings
@@ -94,21 +96,23 @@ def load_engine(settings: Settings, *, build_missing: bool = False) -> Engine:
             f"'lookalike index build --images FOLDER --name {gallery.name}'."
         )
     source = FashionMnistSource.load(gallery.data_dir, size=gallery.size) if needs_build else None
-    # The int8 start check runs on real gallery images: the gallery's own, or the probes
-    # stored with a built index.
-    if source is not None:
-        encoder = load_encoder(settings.model, probe_images=source.images(0, 8))
-    else:
-        encoder = load_encoder(settings.model, probe_pixels=load_probe_pixels(directory))
+    extras = own_gallery_dirs(gallery.index_dir, model_id=settings.model.name, exclude=gallery.name)
+    # The start check of the faster CPU paths runs on real gallery images: the gallery's own
+    # when it is built now, else the probes stored with every index this worker will serve.
+    stored = [load_probe_pixels(d) for d in ([] if source else [directory]) + extras]
+    probes = [p for p in stored if p is not None]
+    encoder = load_encoder(
+        settings.model,
+        probe_images=source.images(0, 8) if source is not None else (),
+        probe_pixels=torch.cat(probes) if probes else None,
+    )
     if source is not None:
         log.info("no index at %s: building it (%d images)", directory, len(source))
         build_index(encoder, source, directory=directory, batch_size=settings.model.batch_size)
     size = gallery.size if gallery.name == FASHION_MNIST else None
     galleries = {gallery.name: load_index(directory, encoder, gallery=gallery.name, size=size)}
     refused: dict[str, str] = {}
-    for extra in own_gallery_dirs(
-        gallery.index_dir, model_id=encoder.model_id, exclude=gallery.name
-    ):
+    for extra in extras:
         try:
             index = load_index(extra, encoder, gallery=_gallery_name(extra))
         except IndexMismatch as error:

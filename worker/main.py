@@ -6,8 +6,18 @@ import logging
 import sys
 import threading
 
-from shared.celery_config import SEARCH_TASK, build_queue, make_celery
+from celery.signals import worker_ready
+
+from shared.celery_config import (
+    SEARCH_TASK,
+    build_queue,
+    job_queue,
+    make_celery,
+    search_queues,
+    text_queue,
+)
 from shared.errors import LookalikeError
+from shared.schemas import JobKind
 from shared.settings import Settings
 
 log = logging.getLogger("lookalike.worker")
@@ -32,7 +42,7 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO") -> int:
         heartbeat.fail(str(error))
         print(f"lookalike worker: {error}", file=sys.stderr)
         return 2
-    heartbeat.update(
+    ready = dict(
         state="ready",
         reason=None,
         model=engine.encoder.model_id,
@@ -46,8 +56,15 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO") -> int:
         precision=engine.encoder.precision,
         load_seconds=round(engine.load_seconds, 2),
     )
+    # Ready once Celery consumes: /readyz must not promise a worker that cannot take jobs yet.
+    heartbeat.update(state="starting", reason="connecting to the queue")
+
+    @worker_ready.connect(weak=False)  # type: ignore[untyped-decorator]
+    def _consuming(**_: object) -> None:
+        heartbeat.update(**ready)
+
     log.info(
-        "worker %s ready: %s on %s (%s), galleries %s, text search %s, loaded in %.1fs",
+        "worker %s loaded: %s on %s (%s), galleries %s, text search %s, loaded in %.1fs",
         name,
         engine.encoder.model_id,
         engine.encoder.device,
@@ -76,7 +93,7 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO") -> int:
             concurrency=1,
             loglevel=loglevel,
             hostname=f"lookalike@{name}",
-            queues=[settings.broker.queue, build_queue(settings)],
+            queues=consumed_queues(settings, text=engine.modes["text"]),
             without_gossip=True,
             without_mingle=True,
             without_heartbeat=True,
@@ -90,21 +107,27 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO") -> int:
         heartbeat.stop()
 
 
+def consumed_queues(settings: Settings, *, text: bool) -> list[str]:
+    """Image jobs, text jobs when text search is on, and distributed index builds."""
+    queues = [settings.broker.queue, build_queue(settings)]
+    return queues + [text_queue(settings)] if text else queues
+
+
 def start_reconciler(settings: Settings, *, name: str) -> threading.Event:
     """Run the reconciler in a daemon thread; set the returned event to stop it."""
     import worker.celery_app as celery_app
     from worker.reconciler import Reconciler
 
     sender = make_celery(settings, name="lookalike-reconciler")
-    queue = settings.broker.queue
 
-    def enqueue(job_id: str) -> None:
+    def enqueue(job_id: str, kind: JobKind) -> None:
+        queue = job_queue(settings, kind)
         sender.send_task(SEARCH_TASK, args=[job_id], task_id=job_id, queue=queue)
 
     reconciler = Reconciler(
         celery_app.store(),
         enqueue,
-        queue=queue,
+        queues=search_queues(settings),
         stuck_after_s=settings.broker.stuck_after_s,
         time_limit_s=settings.broker.task_time_limit_s,
         name=name,

@@ -15,13 +15,13 @@ import json
 import logging
 import threading
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import redis
 
 from shared.jobs import JobStore, as_text
-from shared.schemas import JobStatus
+from shared.schemas import JobKind, JobStatus
 
 log = logging.getLogger(__name__)
 
@@ -53,9 +53,9 @@ class Reconciler:
     def __init__(
         self,
         store: JobStore,
-        enqueue: Callable[[str], None],
+        enqueue: Callable[[str, JobKind], None],
         *,
-        queue: str,
+        queues: Sequence[str],
         stuck_after_s: float,
         time_limit_s: float,
         name: str,
@@ -65,7 +65,7 @@ class Reconciler:
         self.client = store.client
         self.keys = store.keys
         self.enqueue = enqueue
-        self.queue = queue
+        self.queues = list(queues)
         self.stuck_after_s = stuck_after_s
         self.time_limit_s = time_limit_s
         self.name = name
@@ -85,7 +85,9 @@ class Reconciler:
 
     def in_flight(self) -> set[str]:
         """Job ids whose message is waiting in the queue or held, unacknowledged, by a worker."""
-        waiting = message_ids(self.client.lrange(self.queue, 0, -1))
+        waiting: set[str] = set()
+        for queue in self.queues:
+            waiting |= message_ids(self.client.lrange(queue, 0, -1))
         held = message_ids(self.client.hvals(UNACKED_KEY), unacked=True)
         return waiting | held
 
@@ -124,7 +126,7 @@ class Reconciler:
             if moving:
                 report.still_moving += 1
             else:
-                self.enqueue(job_id)
+                self.enqueue(job_id, job.kind)
                 report.requeued.append(job_id)
                 log.warning("job %s: %s and stuck, re-enqueued", job_id, job.status.value)
             self.client.zadd(self.keys.pending, {job_id: now})

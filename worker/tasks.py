@@ -14,7 +14,7 @@ from typing import Any
 import redis
 from celery_batches import Batches
 
-from shared.celery_config import INDEX_CHUNK_TASK, SEARCH_TASK
+from shared.celery_config import INDEX_CHUNK_TASK, SEARCH_TASK, search_queues
 from worker.celery_app import app, metrics, settings, store
 from worker.distributed import compute_chunk
 from worker.engine import get_engine
@@ -39,7 +39,10 @@ def answer(job_ids: Sequence[str]) -> None:
 def queue_is_empty() -> bool:
     """Nothing more is waiting for this worker: a batch of what it holds is as big as it gets."""
     try:
-        return int(store().client.llen(settings.broker.queue)) == 0
+        with store().client.pipeline(transaction=False) as pipe:
+            for queue in search_queues(settings):
+                pipe.llen(queue)
+            return sum(int(n) for n in pipe.execute()) == 0
     except redis.RedisError:
         return False  # let the flush timer decide
 

@@ -8,6 +8,7 @@ import time
 import redis
 
 from shared.jobs import JobStore
+from shared.schemas import JobKind
 from worker.reconciler import UNACKED_KEY, Reconciler, message_ids
 
 
@@ -20,8 +21,8 @@ def make(client: redis.Redis, *, name: str = "w1", stuck_after_s: float = 5.0): 
     sent: list[str] = []
     reconciler = Reconciler(
         store,
-        sent.append,
-        queue="lookalike",
+        lambda job_id, kind: sent.append(job_id),
+        queues=["lookalike", "lookalike.text"],
         stuck_after_s=stuck_after_s,
         time_limit_s=30,
         name=name,
@@ -128,3 +129,34 @@ def test_only_one_reconciler_leads(redis_client: redis.Redis) -> None:
     assert first.lead(ttl_s=5)
     assert not second.lead(ttl_s=5)
     assert first.lead(ttl_s=5)  # the leader keeps its lock
+
+
+def test_stuck_text_job_waiting_in_the_text_queue_is_left_alone(redis_client: redis.Redis) -> None:
+    store, reconciler, sent = make(redis_client)
+    store.create("b" * 32, text="a shoe", k=5)
+    redis_client.lpush("lookalike.text", kombu_message("b" * 32))
+    redis_client.zadd(store.keys.pending, {"b" * 32: time.time() - 3600})
+
+    report = reconciler.run_once()
+
+    assert sent == []
+    assert report.still_moving == 1
+
+
+def test_stuck_text_job_is_requeued_as_a_text_job(redis_client: redis.Redis) -> None:
+    kinds: list[JobKind] = []
+    store = JobStore(redis_client, prefix="lookalike", ttl_s=600)
+    reconciler = Reconciler(
+        store,
+        lambda job_id, kind: kinds.append(kind),
+        queues=["lookalike", "lookalike.text"],
+        stuck_after_s=1,
+        time_limit_s=30,
+        name="me",
+    )
+    store.create("c" * 32, text="a bag", k=5)
+    redis_client.zadd(store.keys.pending, {"c" * 32: time.time() - 3600})
+
+    reconciler.run_once()
+
+    assert kinds == [JobKind.TEXT]
