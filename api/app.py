@@ -23,6 +23,7 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.enqueue import Enqueuer
 from api.events import SHUTDOWN_S, JobEvents
 from api.fleet import Fleet
 from api.health import router as health_router
@@ -72,10 +73,11 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.fleet = Fleet(store)
         app.state.metrics = metrics
         app.state.gallery_images = GalleryImages(settings.gallery.index_dir)
-        app.state.celery = make_celery(settings, name="lookalike-api")
+        app.state.enqueuer = Enqueuer(make_celery(settings, name="lookalike-api"))
         try:
             yield
         finally:
+            app.state.enqueuer.close()
             await events.stop()
             await asyncio.to_thread(metrics.stop)
             with contextlib.suppress(Exception):

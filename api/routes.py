@@ -31,7 +31,7 @@ from api.uploads import (
     Submission,
     read_submission,
 )
-from shared.celery_config import SEARCH_TASK, job_queue, search_queues
+from shared.celery_config import job_queue, search_queues
 from shared.errors import ImageRejected
 from shared.images import decode_upload
 from shared.jobs import AsyncJobStore, JobRecord, NewJob, is_job_id, new_job_id
@@ -151,9 +151,7 @@ async def _accept(
     records = await store.create(new)
     try:
         queue = job_queue(settings, records[0].kind)
-        await run_in_threadpool(
-            _enqueue, request.app.state.celery, [job.job_id for job in new], queue=queue
-        )
+        await request.app.state.enqueuer.send([job.job_id for job in new], queue=queue)
     except OperationalError:
         await store.discard([job.job_id for job in new])
         log.warning("could not enqueue %d job(s): Redis unavailable", len(new))
@@ -196,14 +194,6 @@ async def _check_servable(fleet: Fleet, gallery: str, *, text: bool) -> None:
         raise HTTPException(422, UNKNOWN_GALLERY.format(name=gallery))
     if text and not view.modes["text"]:
         raise HTTPException(422, TEXT_OFF)
-
-
-def _enqueue(celery: Any, job_ids: list[str], *, queue: str) -> None:
-    with celery.producer_or_acquire() as producer:
-        for job_id in job_ids:
-            celery.send_task(
-                SEARCH_TASK, args=[job_id], task_id=job_id, queue=queue, producer=producer
-            )
 
 
 async def readable_job(request: Request, job_id: str) -> JobRecord:

@@ -5,32 +5,34 @@ into a 640x480 or 1600x1200 JPEG, like a phone photo), then waits for the job's 
 long poll (``GET /jobs/<id>?wait=30``). End-to-end latency runs from the first byte of the
 first submission to the answer that carries the job's end, so the wait after a 429 counts.
 
-Light on purpose (httpx, Pillow, numpy): no torch, so it can run next to the API.
+Light on purpose (Pillow, numpy and shared.http_lite, a lean HTTP client): no torch, and
+little CPU per request, so it can run next to the service it measures.
 """
 
 from __future__ import annotations
 
 import asyncio
 import io
-import logging
 import os
 import time
 from collections import Counter
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from email.utils import parsedate_to_datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
-import httpx
 import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
 from shared.errors import LookalikeError
 from shared.fashion_mnist import load_gallery
+from shared.http_lite import HttpClient, HttpError, Reply, multipart
 
 POLL_WAIT_S = 30.0
+REQUEST_TIMEOUT_S = POLL_WAIT_S + 30.0  # a long poll holds its connection up to POLL_WAIT_S
 STATUS_CLASSES = ("202", "429", "4xx", "5xx", "other")
 TIMING_KEYS = ("queue_wait_ms", "decode_ms", "embed_ms", "search_ms", "total_ms")
 PHOTO_SIZES = ((640, 480), (1600, 1200))
@@ -44,12 +46,25 @@ class BenchAborted(LookalikeError):
 
 @dataclass(frozen=True)
 class Payload:
-    """One upload: its bytes and what kind of picture they are (``png-28x28``...)."""
+    """One upload: its bytes and what kind of picture they are (``png-28x28``...), with the
+    multipart body that carries it, built once."""
 
     kind: str
     filename: str
     content_type: str
     data: bytes
+
+    @cached_property
+    def encoded(self) -> tuple[bytes, str]:
+        return multipart("file", self.filename, self.content_type, self.data)
+
+    @property
+    def body(self) -> bytes:
+        return self.encoded[0]
+
+    @property
+    def body_type(self) -> str:
+        return self.encoded[1]
 
 
 @dataclass
@@ -281,25 +296,29 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 async def _submit(
-    client: httpx.AsyncClient, payload: Payload, outcome: Outcome, deadline: float
+    client: HttpClient, payload: Payload, outcome: Outcome, deadline: float
 ) -> dict[str, Any] | None:
     """POST the image until accepted; wait out each 429's Retry-After. The job, or None."""
     while True:
         try:
-            reply = await client.post(
-                "/jobs", files={"file": (payload.filename, payload.data, payload.content_type)}
+            reply = await client.request(
+                "POST",
+                "/jobs",
+                body=payload.body,
+                content_type=payload.body_type,
+                timeout=REQUEST_TIMEOUT_S,
             )
-        except httpx.TransportError as error:
+        except HttpError as error:
             outcome.connection_errors += 1
-            outcome.error = f"submit: {type(error).__name__}"
+            outcome.error = f"submit: {_error_name(error)}"
             return None
-        outcome.submit_statuses.append(reply.status_code)
-        if reply.status_code == 202:
+        outcome.submit_statuses.append(reply.status)
+        if reply.status == 202:
             outcome.accepted = True
             job: dict[str, Any] = reply.json()
             return job
-        if reply.status_code != 429:
-            outcome.error = f"submit: {reply.status_code} {_detail(reply)}"
+        if reply.status != 429:
+            outcome.error = f"submit: {reply.status} {_detail(reply)}"
             return None
         pause = retry_after_seconds(reply.headers.get("retry-after"))
         if time.monotonic() + pause > deadline:
@@ -309,7 +328,7 @@ async def _submit(
 
 
 async def _wait(
-    client: httpx.AsyncClient, job: dict[str, Any], outcome: Outcome, deadline: float
+    client: HttpClient, job: dict[str, Any], outcome: Outcome, deadline: float
 ) -> dict[str, Any] | None:
     """Long-poll the job until it ends or the deadline passes. The ended job, or None."""
     while job["status"] not in ("succeeded", "failed"):
@@ -319,22 +338,24 @@ async def _wait(
             return None
         wait = f"{min(POLL_WAIT_S, remaining):.1f}"
         try:
-            reply = await client.get(f"/jobs/{job['id']}", params={"wait": wait})
-        except httpx.TransportError as error:
+            reply = await client.request(
+                "GET", f"/jobs/{job['id']}?wait={wait}", timeout=REQUEST_TIMEOUT_S
+            )
+        except HttpError as error:
             outcome.poll_errors += 1
-            outcome.error = f"poll: {type(error).__name__}"
+            outcome.error = f"poll: {_error_name(error)}"
             await asyncio.sleep(POLL_RETRY_S)
             continue
-        if reply.status_code != 200:
+        if reply.status != 200:
             outcome.poll_errors += 1
-            outcome.error = f"poll: {reply.status_code} {_detail(reply)}"
+            outcome.error = f"poll: {reply.status} {_detail(reply)}"
             await asyncio.sleep(POLL_RETRY_S)
             continue
         job = reply.json()
     return job
 
 
-async def run_one(client: httpx.AsyncClient, payload: Payload, *, timeout_s: float) -> Outcome:
+async def run_one(client: HttpClient, payload: Payload, *, timeout_s: float) -> Outcome:
     """One client's request: submit, long-poll to the end, record what was seen."""
     outcome = Outcome(kind=payload.kind)
     started = time.perf_counter()
@@ -361,29 +382,15 @@ async def run_one(client: httpx.AsyncClient, payload: Payload, *, timeout_s: flo
     return outcome
 
 
-def _detail(reply: httpx.Response) -> str:
+def _error_name(error: HttpError) -> str:
+    return str(error).split(":", 1)[0]
+
+
+def _detail(reply: Reply) -> str:
     try:
-        return str(reply.json().get("detail", reply.text))[:200]
-    except ValueError:
-        return reply.text[:200]
-
-
-def _client(
-    url: str,
-    *,
-    concurrency: int,
-    api_key: str | None,
-    transport: httpx.AsyncBaseTransport | None,
-) -> httpx.AsyncClient:
-    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
-    return httpx.AsyncClient(
-        base_url=url,
-        headers=headers,
-        # A long poll holds its connection up to POLL_WAIT_S: read longer than that.
-        timeout=httpx.Timeout(POLL_WAIT_S + 30.0, connect=10.0),
-        limits=httpx.Limits(max_connections=concurrency + 4, max_keepalive_connections=concurrency),
-        transport=transport,
-    )
+        return str(reply.json().get("detail", reply.body.decode(errors="replace")))[:200]
+    except (ValueError, AttributeError):
+        return reply.body.decode(errors="replace")[:200]
 
 
 async def run_bench(
@@ -395,7 +402,6 @@ async def run_bench(
     timeout_s: float,
     warmup: int = 1,
     api_key: str | None = None,
-    transport: httpx.AsyncBaseTransport | None = None,
 ) -> tuple[list[Outcome], list[Outcome], float]:
     """Warm up, then ``requests`` requests, at most ``concurrency`` at a time.
 
@@ -403,9 +409,9 @@ async def run_bench(
     """
     if not payloads:
         raise ValueError("no payloads to send")
-    async with _client(
-        url, concurrency=concurrency, api_key=api_key, transport=transport
-    ) as client:
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    client = HttpClient(url, limit=concurrency + 4, headers=headers)
+    try:
         warm = [
             await run_one(client, payloads[i % len(payloads)], timeout_s=timeout_s)
             for i in range(warmup)
@@ -422,6 +428,8 @@ async def run_bench(
         started = time.perf_counter()
         outcomes = await asyncio.gather(*(gated(i) for i in range(requests)))
         wall_s = time.perf_counter() - started
+    finally:
+        await client.close()
     return warm, list(outcomes), wall_s
 
 
@@ -437,8 +445,6 @@ def bench_service(
 ) -> dict[str, Any]:
     """Run the HTTP benchmark and return its summary; :class:`BenchAborted` when the warm-up
     cannot reach the service."""
-    # One INFO line per request would bury the report (and cost time in the measured loop).
-    logging.getLogger("httpx").setLevel(logging.WARNING)
     payloads = make_payloads(data_dir)
     _, outcomes, wall_s = asyncio.run(
         run_bench(

@@ -23,8 +23,9 @@ ACCEPTED_NAMES = "JPEG, PNG, WebP, GIF, BMP or TIFF"
 # CLIP resizes the short side to 224 and keeps the centre square. Beyond this aspect ratio the
 # long side is cropped first, so a 1x20000 strip cannot become a 224x4,480,000 array.
 MAX_ASPECT_RATIO = 8
-# Large JPEGs are decoded at a reduced scale (by the DCT, almost free): CLIP sees 224 pixels.
-JPEG_DRAFT_SIZE = (448, 448)
+# Large JPEGs are decoded at a reduced scale (by the DCT: 1/2, 1/4 or 1/8, and the cheaper the
+# smaller) that keeps both sides at least 224 pixels: CLIP resizes the short side to 224 anyway.
+JPEG_DRAFT_SIZE = (224, 224)
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 

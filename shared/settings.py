@@ -77,7 +77,7 @@ class ModelSettings(_Group):
     device: str = Field("auto", validation_alias="LOOKALIKE_DEVICE")
     batch_size: int = Field(32, ge=1, le=4096, validation_alias="LOOKALIKE_BATCH_SIZE")
     threads: int = Field(0, ge=0, le=512, validation_alias="LOOKALIKE_THREADS")
-    # auto: int8 for a few images, bf16 for batches; int8 or bf16: that one; off: fp32.
+    # auto: int8, else bf16, if it passes the start check; int8 or bf16: that one; off: fp32.
     fast_cpu: Literal["auto", "int8", "bf16", "off"] = Field(
         "auto", validation_alias="LOOKALIKE_FAST_CPU"
     )

@@ -48,9 +48,10 @@ RANDOM_SEED = 0
 CONVERSION = "lookalike-rgb-v1"  # shared.images.to_rgb; bump when it changes
 EQUIVALENCE_MIN_COSINE = 0.99
 FAST_MIN_COSINE = 0.995
-# On CPU, int8 is the fastest path for a few images; bf16 (where the CPU has bf16 dot
-# products) overtakes it for batches from this size on (see lookalike bench --model-only).
-BF16_FROM_BATCH = 8
+# int8 on CPU is fastest in forward passes of a few images: its activations then stay in
+# cache (on the 2-core development machine: 64 img/s alone, 100 img/s by 8, 55 img/s by 32;
+# `lookalike bench --model-only` prints it). Larger batches are cut into passes of this size.
+INT8_FORWARD = 8
 
 
 def resolve_device(requested: str, *, cuda_available: bool, mps_available: bool = False) -> str:
@@ -75,8 +76,8 @@ def accelerator_dtype(device: str) -> torch.dtype:
 
 @dataclass
 class ClipImageEncoder:
-    """CLIP's image tower. ``model`` embeds small batches; ``batch_model``, when set, embeds
-    batches of ``batch_from`` images or more (another precision of the same weights)."""
+    """CLIP's image tower. A batch larger than ``max_forward`` (when set) is embedded in
+    forward passes of at most that many images."""
 
     model_id: str
     model: torch.nn.Module
@@ -86,9 +87,7 @@ class ClipImageEncoder:
     precision: str
     is_random: bool
     notes: list[str] = field(default_factory=list)
-    batch_model: torch.nn.Module | None = None
-    batch_dtype: torch.dtype = torch.float32
-    batch_from: int = 0
+    max_forward: int | None = None
 
     @property
     def dim(self) -> int:
@@ -125,18 +124,15 @@ class ClipImageEncoder:
         pixels: torch.Tensor = batch["pixel_values"]
         return pixels
 
-    def path_for(self, batch: int) -> tuple[torch.nn.Module, torch.dtype]:
-        """The model and input dtype that embed a batch of ``batch`` images."""
-        if self.batch_model is not None and batch >= self.batch_from:
-            return self.batch_model, self.batch_dtype
-        return self.model, self.dtype
-
     @torch.inference_mode()
     def embed_pixels(self, pixel_values: torch.Tensor) -> Embeddings:
-        """One forward pass; returns L2-normalised float32 rows."""
-        model, dtype = self.path_for(int(pixel_values.shape[0]))
-        x = pixel_values.to(self.device, dtype=dtype, non_blocking=True)
-        features = model(pixel_values=x).image_embeds.float()
+        """Forward passes (one, or one per ``max_forward`` images); L2-normalised float32 rows."""
+        step = self.max_forward or int(pixel_values.shape[0]) or 1
+        x = pixel_values.to(self.device, dtype=self.dtype, non_blocking=True)
+        parts = [
+            self.model(pixel_values=x[i : i + step]).image_embeds for i in range(0, len(x), step)
+        ]
+        features = (parts[0] if len(parts) == 1 else torch.cat(parts)).float()
         features = torch.nn.functional.normalize(features, dim=-1)
         return np.ascontiguousarray(features.cpu().numpy(), dtype=np.float32)
 
@@ -188,9 +184,9 @@ def load_encoder(
 ) -> ClipImageEncoder:
     """Load CLIP's image tower once; raise :class:`ModelLoadError` naming LOOKALIKE_MODEL.
 
-    On CPU, faster paths replace fp32 only where their embeddings of the probes (gallery
-    images, or an index's stored probe pixels) keep cosine >= 0.995 with fp32's: int8 dynamic
-    quantisation of the linear layers, and bf16 for batches (where the CPU supports it).
+    On CPU, a faster path replaces fp32 only if its embeddings of the probes (gallery images,
+    or the stored probe pixels of the indexes it will serve) keep cosine >= 0.995 with fp32's:
+    int8 dynamic quantisation of the linear layers, else bf16 where the CPU supports it.
     """
     name = settings.name
     if settings.threads:
@@ -280,7 +276,7 @@ def _worst_cosine(
 ) -> float:
     """The worst cosine with fp32 of the probes embedded together and one by one (dynamic
     quantisation scales activations per batch, so both can differ)."""
-    trial = dataclasses.replace(encoder, model=model, dtype=dtype, batch_model=None, notes=[])
+    trial = dataclasses.replace(encoder, model=model, dtype=dtype, max_forward=None, notes=[])
     batched = trial.embed_pixels(pixels)
     alone = np.concatenate([trial.embed_pixels(pixels[i : i + 1]) for i in range(len(pixels))])
     return float(
@@ -289,40 +285,32 @@ def _worst_cosine(
 
 
 def choose_cpu_paths(encoder: ClipImageEncoder, pixels: torch.Tensor, *, mode: str) -> None:
-    """Replace fp32 by the faster CPU paths that keep the embeddings (checked here, on the
-    probes, against fp32): int8 for small batches, bf16 for batches (``mode`` auto), or one
-    of them for all (``int8``, ``bf16``). A path whose worst cosine is below
-    ``FAST_MIN_COSINE`` (a margin over the 0.99 promised for every image) is refused."""
+    """Replace fp32 by a faster CPU path that keeps the embeddings (checked here, on the
+    probes, against fp32): int8 dynamic quantisation in passes of ``INT8_FORWARD`` images
+    (``auto``, ``int8``), else bf16 where the CPU has it (``auto``, ``bf16``). A path whose
+    worst cosine is below ``FAST_MIN_COSINE`` (a margin over the 0.99 promised for every
+    image) is refused."""
     fp32 = encoder.model
     reference = encoder.embed_pixels(pixels)
-    kept: dict[str, tuple[torch.nn.Module, torch.dtype]] = {}
-    candidates: list[tuple[str, Any, torch.dtype]] = []
-    if mode in ("auto", "int8"):
-        candidates.append(("int8-dynamic", _int8, torch.float32))
-    if mode in ("auto", "bf16"):
-        if bf16_supported():
-            candidates.append(("bf16", _bf16, torch.bfloat16))
-        else:
+    order = {"auto": ["int8", "bf16"], "int8": ["int8"], "bf16": ["bf16"]}[mode]
+    for name in order:
+        if name == "bf16" and not bf16_supported():
             encoder.notes.append("bf16 skipped: this CPU has no native bf16")
-    for name, convert, dtype in candidates:
-        model = convert(fp32)
-        worst = _worst_cosine(encoder, model, dtype, pixels, reference)
-        verdict = "kept" if worst >= FAST_MIN_COSINE else "refused"
-        label = "int8" if name.startswith("int8") else name
-        encoder.notes.append(
-            f"{label} {verdict}: min cosine {worst:.4f} vs fp32 on {len(pixels)} probes"
+            continue
+        model, dtype = (
+            (_int8(fp32), torch.float32) if name == "int8" else (_bf16(fp32), torch.bfloat16)
         )
-        if worst >= FAST_MIN_COSINE:
-            kept[name] = (model, dtype)
-    small = next((n for n in ("int8-dynamic", "bf16") if n in kept), None)
-    large = next((n for n in ("bf16", "int8-dynamic") if n in kept), None)
-    if small is not None:
-        encoder.model, encoder.dtype = kept[small]
-        encoder.precision = small
-    if large is not None and large != small:
-        encoder.batch_model, encoder.batch_dtype = kept[large]
-        encoder.batch_from = BF16_FROM_BATCH
-        encoder.precision = f"{small} + {large} from batch {BF16_FROM_BATCH}"
+        worst = _worst_cosine(encoder, model, dtype, pixels, reference)
+        kept = worst >= FAST_MIN_COSINE
+        encoder.notes.append(
+            f"{name} {'kept' if kept else 'refused'}: min cosine {worst:.4f} vs fp32 "
+            f"on {len(pixels)} probes"
+        )
+        if kept:
+            encoder.model, encoder.dtype = model, dtype
+            encoder.precision = "int8-dynamic" if name == "int8" else "bf16"
+            encoder.max_forward = INT8_FORWARD if name == "int8" else None
+            break
     for note in encoder.notes:
         log.info(note)
 

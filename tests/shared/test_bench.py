@@ -1,18 +1,26 @@
-"""The HTTP benchmark's plain parts, and its driver against a scripted in-memory service."""
+"""The HTTP benchmark's plain parts, and its driver against a scripted service over HTTP."""
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import io
 import json
 import sys
+import threading
+import time
+from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
 
-import httpx
 import numpy as np
 import pytest
+import uvicorn
 from PIL import Image
+from starlette.applications import Starlette
+from starlette.requests import Request
+from starlette.responses import JSONResponse
+from starlette.routing import Route
 
 from shared.bench import (
     BenchAborted,
@@ -26,6 +34,8 @@ from shared.bench import (
     run_bench,
     summarise,
 )
+from shared.http_lite import multipart
+from shared.redis_server import free_port
 
 TIMINGS = {"queue_wait_ms": 2.0, "decode_ms": 0.5, "embed_ms": 30.0, "search_ms": 0.2}
 
@@ -171,47 +181,68 @@ def test_the_http_driver_does_not_import_torch() -> None:
     assert done.stdout.strip() == "False", done.stderr
 
 
-# --- the driver, against a scripted service --------------------------------------------------
+# --- the driver, against a scripted service over real HTTP -----------------------------------
 
 
 class ScriptedService:
     """Answers 429 (Retry-After: 0) to the first three submissions, then 202; finishes each
-    job on its first long poll; jobs whose upload is a PNG fail."""
+    job on its first long poll; jobs whose upload is a PNG fail. Served by a real uvicorn."""
 
     def __init__(self) -> None:
         self.submissions = 0
         self.jobs: dict[str, bool] = {}
         self.waits: list[float] = []
 
-    def __call__(self, request: httpx.Request) -> httpx.Response:
-        if request.method == "POST":
+    def app(self) -> Starlette:
+        async def submit(request: Request) -> JSONResponse:
             self.submissions += 1
             if self.submissions <= 3:
-                return httpx.Response(429, headers={"Retry-After": "0"}, json={"detail": "full"})
+                return JSONResponse({"detail": "full"}, 429, headers={"Retry-After": "0"})
             job_id = f"job{len(self.jobs)}"
-            self.jobs[job_id] = b"image/png" in request.read()
-            return httpx.Response(202, json={"id": job_id, "status": "queued"})
-        self.waits.append(float(request.url.params["wait"]))
-        job_id = request.url.path.rsplit("/", 1)[1]
-        if self.jobs[job_id]:
-            return httpx.Response(200, json={"id": job_id, "status": "failed", "error": "no"})
-        return httpx.Response(200, json={"id": job_id, "status": "succeeded", "result": result()})
+            self.jobs[job_id] = b"image/png" in await request.body()
+            return JSONResponse({"id": job_id, "status": "queued"}, 202)
+
+        async def poll(request: Request) -> JSONResponse:
+            self.waits.append(float(request.query_params["wait"]))
+            job_id = request.path_params["job_id"]
+            if self.jobs[job_id]:
+                return JSONResponse({"id": job_id, "status": "failed", "error": "no"})
+            return JSONResponse({"id": job_id, "status": "succeeded", "result": result()})
+
+        return Starlette(
+            routes=[
+                Route("/jobs", submit, methods=["POST"]),
+                Route("/jobs/{job_id}", poll, methods=["GET"]),
+            ]
+        )
+
+
+@contextlib.contextmanager
+def serving(app: Starlette) -> Iterator[str]:
+    """``app`` on a free port of 127.0.0.1, in a thread; yields its URL."""
+    port = free_port()
+    server = uvicorn.Server(
+        uvicorn.Config(app, host="127.0.0.1", port=port, log_level="warning", timeout_keep_alive=1)
+    )
+    thread = threading.Thread(target=server.run, daemon=True)
+    thread.start()
+    deadline = time.monotonic() + 10
+    while not server.started and time.monotonic() < deadline:
+        time.sleep(0.01)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        server.should_exit = True
+        thread.join(timeout=10)
 
 
 def test_run_bench_retries_429_and_waits_with_the_long_poll() -> None:
     payloads = payloads_from_images(np.zeros((1, 28, 28), dtype=np.uint8))
     service = ScriptedService()
-    warm, outcomes, wall_s = asyncio.run(
-        run_bench(
-            "http://bench.test",
-            payloads,
-            requests=6,
-            concurrency=3,
-            timeout_s=10,
-            warmup=0,
-            transport=httpx.MockTransport(service),
+    with serving(service.app()) as url:
+        warm, outcomes, wall_s = asyncio.run(
+            run_bench(url, payloads, requests=6, concurrency=3, timeout_s=10, warmup=0)
         )
-    )
     assert warm == [] and len(outcomes) == 6 and wall_s > 0
     assert all(o.accepted and o.submit_statuses[-1] == 202 for o in outcomes)
     assert [o.kind for o in outcomes] == [p.kind for p in payloads] * 2
@@ -225,38 +256,60 @@ def test_run_bench_retries_429_and_waits_with_the_long_poll() -> None:
     assert exit_code(summary) == 1
 
 
-def test_run_bench_stops_when_the_warm_up_cannot_connect() -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
+def test_run_bench_reuses_connections_the_server_closed_while_idle() -> None:
+    payloads = payloads_from_images(np.zeros((1, 28, 28), dtype=np.uint8))
+    service = ScriptedService()
+    service.submissions = 3  # no 429s
 
+    async def twice() -> list[Outcome]:
+        client_outcomes = []
+        for _ in range(2):
+            _, outcomes, _ = await run_bench(
+                url, payloads, requests=2, concurrency=1, timeout_s=10, warmup=0
+            )
+            client_outcomes += outcomes
+            await asyncio.sleep(1.5)  # past the server's keep-alive: it closes them
+        return client_outcomes
+
+    with serving(service.app()) as url:
+        outcomes = asyncio.run(twice())
+    assert all(o.accepted and o.connection_errors == 0 for o in outcomes)
+
+
+def test_multipart_body_carries_the_file_and_its_type() -> None:
+    body, content_type = multipart("file", "a.png", "image/png", b"\x89PNG-bytes")
+    boundary = content_type.split("boundary=")[1]
+
+    assert content_type.startswith("multipart/form-data; boundary=")
+    assert body.startswith(f"--{boundary}\r\n".encode())
+    assert b'name="file"; filename="a.png"\r\nContent-Type: image/png\r\n\r\n\x89PNG-bytes' in body
+    assert body.endswith(f"\r\n--{boundary}--\r\n".encode())
+
+
+def test_run_bench_stops_when_the_warm_up_cannot_connect() -> None:
     payloads = payloads_from_images(np.zeros((1, 28, 28), dtype=np.uint8))
     with pytest.raises(BenchAborted, match="warm-up"):
         asyncio.run(
             run_bench(
-                "http://bench.test",
+                f"http://127.0.0.1:{free_port()}",
                 payloads,
                 requests=5,
                 concurrency=2,
                 timeout_s=5,
-                transport=httpx.MockTransport(refuse),
             )
         )
 
 
 def test_run_bench_counts_connection_errors_when_timed() -> None:
-    def refuse(request: httpx.Request) -> httpx.Response:
-        raise httpx.ConnectError("refused", request=request)
-
     payloads = payloads_from_images(np.zeros((1, 28, 28), dtype=np.uint8))
     _, outcomes, wall_s = asyncio.run(
         run_bench(
-            "http://bench.test",
+            f"http://127.0.0.1:{free_port()}",  # nothing listens there
             payloads,
             requests=4,
             concurrency=2,
             timeout_s=5,
             warmup=0,
-            transport=httpx.MockTransport(refuse),
         )
     )
     summary = summarise(outcomes, wall_s=wall_s, url="u", concurrency=2, warmup=0)

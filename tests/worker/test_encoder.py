@@ -183,28 +183,47 @@ def test_fast_cpu_auto_keeps_int8_that_keeps_embeddings(
 
     assert encoder.precision == "int8-dynamic"
     assert encoder.notes[-1].startswith("int8 kept")
-    assert encoder.batch_model is None
 
 
-def test_fast_cpu_auto_embeds_batches_in_bf16_and_few_images_in_int8(
+def test_int8_embeds_large_batches_in_passes_of_a_few_images(
     tiny_clip_dir: Path, fp32_encoder: ClipImageEncoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    monkeypatch.setattr(encoder_module, "bf16_supported", lambda: True)
     monkeypatch.setattr(  # the tiny model's int8 verdict is not what this test is about
         torch.ao.quantization, "quantize_dynamic", lambda model, *a, **k: copy.deepcopy(model)
     )
-    encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="auto"))
-    images = pictures(encoder_module.BF16_FROM_BATCH)
-
-    assert encoder.precision == (f"int8-dynamic + bf16 from batch {encoder_module.BF16_FROM_BATCH}")
-    assert encoder.path_for(1)[1] == torch.float32
-    assert encoder.path_for(encoder_module.BF16_FROM_BATCH) == (
-        encoder.batch_model,
-        torch.bfloat16,
+    encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="int8"))
+    passes: list[int] = []
+    encoder.model.register_forward_pre_hook(
+        lambda module, args, kwargs: passes.append(len(kwargs["pixel_values"])), with_kwargs=True
     )
-    reference = fp32_encoder.embed(images)
-    assert np.min(cosines(encoder.embed(images), reference)) >= 0.99
-    assert np.min(cosines(encoder.embed(images[:1]), reference[:1])) >= 0.99
+    images = pictures(2 * encoder_module.INT8_FORWARD + 3)
+
+    rows = encoder.embed(images)
+
+    assert encoder.max_forward == encoder_module.INT8_FORWARD
+    assert passes == [encoder_module.INT8_FORWARD, encoder_module.INT8_FORWARD, 3]
+    assert np.min(cosines(rows, fp32_encoder.embed(images))) >= 0.99
+
+
+def test_fast_cpu_auto_falls_back_to_bf16_when_int8_is_refused(
+    tiny_clip_dir: Path, fp32_encoder: ClipImageEncoder, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def scrambling_quantiser(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
+        scrambled = copy.deepcopy(model)
+        with torch.no_grad():
+            scrambled.visual_projection.weight.mul_(-1.0)
+        return scrambled
+
+    monkeypatch.setattr(torch.ao.quantization, "quantize_dynamic", scrambling_quantiser)
+    monkeypatch.setattr(encoder_module, "bf16_supported", lambda: True)
+    images = pictures(4)
+
+    encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="auto"))
+
+    assert (encoder.precision, encoder.dtype, encoder.max_forward) == ("bf16", torch.bfloat16, None)
+    assert encoder.notes[0].startswith("int8 refused")
+    assert encoder.notes[1].startswith("bf16 kept")
+    assert np.min(cosines(encoder.embed(images), fp32_encoder.embed(images))) >= 0.99
 
 
 def test_fast_cpu_refuses_bf16_that_moves_embeddings(
@@ -221,7 +240,7 @@ def test_fast_cpu_refuses_bf16_that_moves_embeddings(
 
     encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="bf16"))
 
-    assert (encoder.precision, encoder.batch_model) == ("fp32", None)
+    assert (encoder.precision, encoder.dtype) == ("fp32", torch.float32)
     assert encoder.notes[-1].startswith("bf16 refused")
 
 
