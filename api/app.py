@@ -19,8 +19,7 @@ from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from redis.exceptions import ConnectionError as RedisConnectionError
-from redis.exceptions import TimeoutError as RedisTimeoutError
+from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api.enqueue import Enqueuer
@@ -31,7 +30,7 @@ from api.limits import BodySizeLimit
 from api.pages import router as pages_router
 from api.pictures import BAD_INDEX, BAD_SIZE, GalleryImages
 from api.pictures import router as pictures_router
-from api.routes import STORE_DOWN, router
+from api.routes import DECODE_SLOTS, STORE_DOWN, router
 from api.uploads import BAD_GALLERY, BAD_K, BAD_WAIT
 from shared.celery_config import make_celery
 from shared.jobs import AsyncJobStore
@@ -71,6 +70,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         app.state.store = store
         app.state.events = events
         app.state.fleet = Fleet(store)
+        app.state.decode_slots = asyncio.Semaphore(DECODE_SLOTS)
         app.state.metrics = metrics
         app.state.gallery_images = GalleryImages(settings.gallery.index_dir)
         app.state.enqueuer = Enqueuer(make_celery(settings, name="lookalike-api"))
@@ -80,6 +80,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             app.state.enqueuer.close()
             await events.stop()
             await asyncio.to_thread(metrics.stop)
+            metrics.client.close()
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(client.aclose(), SHUTDOWN_S)
 
@@ -102,8 +103,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.include_router(pages_router)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(StarletteHTTPException, _counted_refusal)
-    app.add_exception_handler(RedisConnectionError, _store_down)
-    app.add_exception_handler(RedisTimeoutError, _store_down)
+    # Down, timed out, read-only after a failover, out of memory: for clients, unavailable.
+    app.add_exception_handler(RedisError, _store_down)
     return app
 
 

@@ -37,3 +37,4 @@ class Enqueuer:
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
+        self.celery.close()  # its producer pool's connections

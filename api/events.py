@@ -13,8 +13,10 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import time
 from collections import defaultdict
 from collections.abc import Iterator
+from typing import Any
 
 import redis.asyncio as aioredis
 
@@ -25,6 +27,8 @@ log = logging.getLogger(__name__)
 
 RECHECK_S = 5.0
 SHUTDOWN_S = 2.0
+PING_AFTER_S = 10.0
+PING_TIMEOUT_S = 5.0
 FINAL = frozenset({JobStatus.SUCCEEDED.value, JobStatus.FAILED.value})
 
 
@@ -82,15 +86,7 @@ class JobEvents:
             try:
                 await pubsub.psubscribe(self.keys.events_pattern)
                 self._wake_all()  # whatever happened while we were not listening
-                async for message in pubsub.listen():
-                    if message.get("type") != "pmessage":
-                        continue
-                    channel, data = message["channel"], message.get("data")
-                    if isinstance(channel, bytes):
-                        channel = channel.decode()
-                    payload = data.decode() if isinstance(data, bytes) else str(data)
-                    for waiter in list(self._waiters.get(self.keys.job_id_of_channel(channel), ())):
-                        waiter.notify(payload)
+                await self._receive(pubsub)
             except asyncio.CancelledError:
                 raise
             except Exception as error:  # Redis went away: resubscribe, then wake everyone
@@ -99,3 +95,29 @@ class JobEvents:
             finally:
                 with contextlib.suppress(Exception):
                     await asyncio.wait_for(pubsub.aclose(), SHUTDOWN_S)  # type: ignore[no-untyped-call]
+
+    async def _receive(self, pubsub: Any) -> None:
+        """Hand messages to the waiters. A connection quiet for ``PING_AFTER_S`` is pinged; if
+        not even the PONG comes back, it died silently (a half-open TCP connection) and is
+        replaced."""
+        heard = time.monotonic()
+        pinged: float | None = None
+        while True:
+            message = await pubsub.get_message(timeout=1.0)
+            now = time.monotonic()
+            if message is None:
+                if pinged is not None and now - pinged > PING_TIMEOUT_S:
+                    raise ConnectionError("no answer to PING on the events subscription")
+                if pinged is None and now - heard > PING_AFTER_S:
+                    await pubsub.ping()
+                    pinged = now
+                continue
+            heard, pinged = now, None
+            if message.get("type") != "pmessage":
+                continue
+            channel, data = message["channel"], message.get("data")
+            if isinstance(channel, bytes):
+                channel = channel.decode()
+            payload = data.decode() if isinstance(data, bytes) else str(data)
+            for waiter in list(self._waiters.get(self.keys.job_id_of_channel(channel), ())):
+                waiter.notify(payload)

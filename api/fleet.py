@@ -12,7 +12,9 @@ from typing import Any
 
 from shared.jobs import AsyncJobStore
 
-HEARTBEAT_WINDOW_S = 15.0
+# Live workers' records expire 15 s after their last beat; a failed worker's stays 5 minutes
+# (worker.heartbeat), so /readyz can still say why it failed. The records' own expiry decides.
+HEARTBEAT_WINDOW_S = 300.0
 CACHE_S = 1.0
 
 
@@ -37,6 +39,12 @@ class FleetView:
             held = {str(g.get("name")) for g in worker.get("galleries") or []}
             found = {name: g for name, g in found.items() if name in held}
         return found
+
+    @property
+    def default_gallery(self) -> str | None:
+        """The default gallery of the ready workers, if they all have the same."""
+        defaults = {str(w.get("gallery")) for w in self.ready if w.get("gallery")}
+        return defaults.pop() if len(defaults) == 1 else None
 
     @property
     def modes(self) -> dict[str, bool]:

@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import pathlib
 import threading
+import time
 from typing import Annotated, Any
 
 from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
@@ -34,6 +35,7 @@ NOT_DONE = "The job has not succeeded, so it has no picture."
 BAD_INDEX = "The image index must be a whole number, 0 or more."
 BAD_SIZE = "size must be a whole number of pixels from 16 to 1024."
 CACHE = "public, max-age=3600"
+MISSING_CACHE_S = 5.0
 PNG = {"content": {"image/png": {}}, "description": "A PNG image"}
 
 Size = Annotated[
@@ -49,20 +51,30 @@ class GalleryImages:
     def __init__(self, root: pathlib.Path) -> None:
         self.root = root
         self._packs: dict[str, ThumbnailPack] = {}
+        self._missing: dict[str, float] = {}  # not found, and when: asked again only later
         self._lock = threading.Lock()
 
     def pack(self, name: str, *, advertised_dir: str | None = None) -> ThumbnailPack:
         with self._lock:
             cached = self._packs.get(name)
-            if cached is not None and self._current(cached, advertised_dir):
-                return cached
-            candidates = [self.root / advertised_dir] if advertised_dir else []
-            candidates += list(find_gallery_dirs(self.root, name))
-            for directory in candidates:
-                if ThumbnailPack.exists(directory / THUMBS):
-                    self._packs[name] = ThumbnailPack(directory / THUMBS)
-                    return self._packs[name]
+            missing_since = self._missing.get(name)
+        if cached is not None and self._current(cached, advertised_dir):
+            return cached
+        if missing_since is not None and time.monotonic() - missing_since < MISSING_CACHE_S:
+            raise HTTPException(404, NO_GALLERY_IMAGES.format(name=name))
+        # Looked for outside the lock: a scan of the index folder must not hold up the rest.
+        candidates = [self.root / advertised_dir] if advertised_dir else []
+        candidates += list(find_gallery_dirs(self.root, name))
+        for directory in candidates:
+            if ThumbnailPack.exists(directory / THUMBS):
+                pack = ThumbnailPack(directory / THUMBS)
+                with self._lock:
+                    self._packs[name] = pack
+                    self._missing.pop(name, None)
+                return pack
+        with self._lock:
             self._packs.pop(name, None)
+            self._missing[name] = time.monotonic()
         raise HTTPException(404, NO_GALLERY_IMAGES.format(name=name))
 
     def _current(self, pack: ThumbnailPack, advertised_dir: str | None) -> bool:
@@ -79,6 +91,15 @@ class GalleryImages:
         if not 0 <= index < len(pack):
             raise HTTPException(404, NO_SUCH_IMAGE.format(name=name, index=index))
         return pack.image(index)
+
+
+async def _default_gallery(request: Request) -> str | None:
+    try:
+        view = await request.app.state.fleet.view()
+    except Exception:  # without Redis, the API's own setting
+        return None
+    default: str | None = view.default_gallery
+    return default
 
 
 async def _advertised_dir(fleet: Fleet, name: str) -> str | None:
@@ -108,7 +129,7 @@ async def gallery_image(
     size: Size = None,
 ) -> Response:
     settings: Settings = request.app.state.settings
-    name = gallery or settings.gallery.name
+    name = gallery or await _default_gallery(request) or settings.gallery.name
     if GALLERY_NAME.fullmatch(name) is None:
         raise HTTPException(404, NO_GALLERY_IMAGES.format(name=name))
     images: GalleryImages = request.app.state.gallery_images
@@ -196,6 +217,7 @@ def _grid(
 async def galleries(request: Request) -> Galleries:
     settings: Settings = request.app.state.settings
     view = await request.app.state.fleet.view()
+    default = view.default_gallery or settings.gallery.name
     summaries: list[dict[str, Any]] = list(view.galleries.values())
     listed = [
         GallerySummary(
@@ -204,8 +226,8 @@ async def galleries(request: Request) -> Galleries:
             model=str(g["model"]),
             kind=str(g.get("kind", "")),
             classes=[str(c) for c in g.get("classes", [])],
-            default=g["name"] == settings.gallery.name,
+            default=g["name"] == default,
         )
-        for g in sorted(summaries, key=lambda g: (g["name"] != settings.gallery.name, g["name"]))
+        for g in sorted(summaries, key=lambda g: (g["name"] != default, g["name"]))
     ]
-    return Galleries(default=settings.gallery.name, galleries=listed)
+    return Galleries(default=default, galleries=listed)

@@ -17,7 +17,7 @@ from pydantic import BaseModel
 from redis.exceptions import RedisError
 
 from api.events import RECHECK_S, JobEvents
-from api.fleet import Fleet
+from api.fleet import FleetView
 from api.limits import TOO_LARGE, human_size
 from api.security import authorise
 from api.uploads import (
@@ -47,6 +47,7 @@ JOB_NOT_FOUND = "Job not found."
 QUEUE_FULL = "Too many jobs are waiting; retry shortly."
 QUEUE_DOWN = "The job queue is unavailable; retry shortly."
 UNKNOWN_GALLERY = "Unknown gallery {name!r}: GET /galleries lists them."
+DECODE_SLOTS = 4  # uploads decoded at once per API process: bounds memory under load
 TEXT_OFF = "Text search is off on every worker (LOOKALIKE_TEXT_SEARCH=off)."
 STORE_DOWN = "The job store is unavailable; retry shortly."
 KEEPALIVE_S = 15.0
@@ -126,16 +127,20 @@ async def _accept(
     """Validate, store and enqueue the jobs of a submission; all of them or none."""
     settings: Settings = request.app.state.settings
     store: AsyncJobStore = request.app.state.store
-    await run_in_threadpool(
-        _check_images, submission.files, settings=settings, numbered=max_files > 1
-    )
+    view = await request.app.state.fleet.view()
     top_k = k if k is not None else (submission.k or settings.gallery.top_k)
-    gallery_name = gallery or submission.gallery or settings.gallery.name
-    await _check_servable(request.app.state.fleet, gallery_name, text=submission.text is not None)
+    # The workers' default gallery, when they agree on one: it is theirs to choose.
+    gallery_name = gallery or submission.gallery or view.default_gallery or settings.gallery.name
+    _check_servable(view, gallery_name, text=submission.text is not None)
     count = max(1, len(submission.files))
     queued = await store.queue_length(*search_queues(settings))
     if queued + count > settings.broker.max_queued:
         raise HTTPException(429, QUEUE_FULL, headers={"Retry-After": "2"})
+    # Decoding is the costly check (memory and CPU): last, and a few at a time.
+    async with request.app.state.decode_slots:
+        await run_in_threadpool(
+            _check_images, submission.files, settings=settings, numbered=max_files > 1
+        )
     uploads: list[bytes | None] = list(submission.files) or [None]
     new = [
         NewJob(
@@ -185,9 +190,8 @@ def _check_images(files: list[bytes], *, settings: Settings, numbered: bool) -> 
             raise HTTPException(400, f"File {number}: {error}" if several else str(error)) from None
 
 
-async def _check_servable(fleet: Fleet, gallery: str, *, text: bool) -> None:
-    """Refuse what no ready worker can answer; with no ready worker, the queue waits."""
-    view = await fleet.view()
+def _check_servable(view: FleetView, gallery: str, *, text: bool) -> None:
+    """Refuse what the ready workers cannot answer; with no ready worker, the queue waits."""
     if not view.ready:
         return
     if gallery not in view.galleries:

@@ -145,9 +145,12 @@ async def read_submission(request: Request, *, max_files: int) -> Submission:
 
 
 async def _read_json(request: Request) -> Submission:
+    raw = await request.body()
+    if len(raw) > MAX_FIELD_BYTES:  # a text query is small: a large body is not one
+        raise HTTPException(400, BAD_JSON)
     try:
-        body = json.loads(await request.body())
-    except (ValueError, UnicodeDecodeError):
+        body = json.loads(raw)
+    except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise HTTPException(400, BAD_JSON) from None
     if not isinstance(body, dict) or not isinstance(body.get("text"), str):
         raise HTTPException(400, BAD_JSON)
@@ -165,6 +168,10 @@ def _parse_text(value: str) -> str:
     text = value.strip()
     if not 1 <= len(text) <= MAX_TEXT_CHARS:
         raise HTTPException(422, BAD_TEXT.format(n=MAX_TEXT_CHARS))
+    try:
+        text.encode("utf-8")  # a lone surrogate (JSON "\ud800") is not text
+    except UnicodeEncodeError:
+        raise HTTPException(422, BAD_TEXT.format(n=MAX_TEXT_CHARS)) from None
     return text
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import logging
 import os
 import signal
 import subprocess
@@ -35,6 +36,7 @@ def _setup_logging() -> None:
     except ValidationError:
         log_settings = LogSettings(level="INFO", format="text")
     setup_logging(level=log_settings.level, fmt=log_settings.format)
+    logging.getLogger("httpx").setLevel(logging.WARNING)  # not a line per request of the client
 
 
 def _fail(message: str, code: int = 2) -> int:

@@ -12,7 +12,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
-from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
+from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from shared.errors import ImageRejected
 
@@ -26,6 +26,8 @@ MAX_ASPECT_RATIO = 8
 # Large JPEGs are decoded at a reduced scale (by the DCT: 1/2, 1/4 or 1/8, and the cheaper the
 # smaller) that keeps both sides at least 224 pixels: CLIP resizes the short side to 224 anyway.
 JPEG_DRAFT_SIZE = (224, 224)
+# Other large images are shrunk after decoding, keeping twice what CLIP looks at.
+SHRINK_TO = 448
 
 ImageFile.LOAD_TRUNCATED_IMAGES = False
 
@@ -86,8 +88,10 @@ def to_rgb(image: Image.Image) -> Image.Image:
     ``convert`` clips them to white); transparency is flattened onto black, the background
     of Fashion-MNIST; extreme aspect ratios are centre-cropped to ``MAX_ASPECT_RATIO``.
     """
-    image = ImageOps.exif_transpose(image) or image
-    image = _crop_extreme_aspect(image)
+    orientation = _orientation(image)
+    image = _shrink(_crop_extreme_aspect(image))  # before any copy of the full-size image
+    if orientation in _TRANSPOSE:
+        image = image.transpose(_TRANSPOSE[orientation])
     mode = image.mode
     if mode in ("I;16", "I;16L", "I;16B", "I;16N", "I", "F"):
         image = _to_8bit(image)
@@ -102,6 +106,38 @@ def to_rgb(image: Image.Image) -> Image.Image:
     if mode != "RGB":
         return image.convert("RGB")
     return image
+
+
+# EXIF orientation -> the transpose that shows the image upright (as ImageOps.exif_transpose).
+_TRANSPOSE = {
+    2: Image.Transpose.FLIP_LEFT_RIGHT,
+    3: Image.Transpose.ROTATE_180,
+    4: Image.Transpose.FLIP_TOP_BOTTOM,
+    5: Image.Transpose.TRANSPOSE,
+    6: Image.Transpose.ROTATE_270,
+    7: Image.Transpose.TRANSVERSE,
+    8: Image.Transpose.ROTATE_90,
+}
+_REDUCIBLE = ("L", "LA", "PA", "RGB", "RGBA", "CMYK", "I", "F", "YCbCr")
+
+
+def _orientation(image: Image.Image) -> int:
+    try:
+        return int(image.getexif().get(ExifTags.Base.Orientation, 1))
+    except (ValueError, TypeError, OSError):  # a broken EXIF block: shown as stored
+        return 1
+
+
+def _shrink(image: Image.Image) -> Image.Image:
+    """Large images shrunk by a whole factor (box filter) while the short side stays at least
+    ``SHRINK_TO``: CLIP sees 224 pixels, and every later copy and conversion gets cheaper."""
+    factor = min(image.size) // SHRINK_TO
+    if factor < 2:
+        return image
+    if image.mode in _REDUCIBLE:
+        return image.reduce(factor)
+    size = (image.width // factor, image.height // factor)
+    return image.resize(size, Image.Resampling.BOX)  # 1 and P are resized by nearest
 
 
 def _to_8bit(image: Image.Image) -> Image.Image:

@@ -53,6 +53,8 @@ return 1
 
 # Finish a job once: the first final status wins, later ones are ignored (returns 0).
 # Every computation is counted, so duplicates (a job computed twice) can be reported.
+# KEYS[4] is the upload: a failed job's is deleted (a succeeded one's is replaced by a small
+# copy for its result picture, see succeed_many), so Redis holds no uploads it no longer needs.
 _FINISH = """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -2 end
@@ -60,6 +62,7 @@ redis.call('HINCRBY', KEYS[1], 'computed', 1)
 if status == 'succeeded' or status == 'failed' then return 0 end
 redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], ARGV[4], ARGV[5])
 redis.call('HDEL', KEYS[1], 'stage')
+if ARGV[2] == 'failed' then redis.call('DEL', KEYS[4]) end
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('PUBLISH', KEYS[2], ARGV[2])
 return 1
@@ -300,12 +303,16 @@ class JobStore:
         """Record why the job failed unless it already ended."""
         return self._end(job_id, JobStatus.FAILED, "error", error)
 
-    def succeed_many(self, results: Sequence[tuple[str, JobResult]]) -> list[bool]:
-        """Store several results in one round trip; True where that call ended the job."""
+    def succeed_many(self, results: Sequence[tuple[str, JobResult, bytes | None]]) -> list[bool]:
+        """Store several results in one round trip; True where that call ended the job.
+
+        Each may come with a small copy of its upload, which then replaces the upload (kept,
+        with its TTL, only for the result picture).
+        """
         moment = now().isoformat()
         with self.client.pipeline(transaction=False) as pipe:
-            for job_id, result in results:
-                keys = [self.keys.job(job_id), self.keys.events(job_id), self.keys.pending]
+            for job_id, result, _ in results:
+                keys = self._end_keys(job_id)
                 args = [
                     job_id,
                     JobStatus.SUCCEEDED.value,
@@ -314,12 +321,19 @@ class JobStore:
                     result.model_dump_json(),
                 ]
                 self._finish(keys=keys, args=args, client=pipe)
-            return [int(reply) == 1 for reply in pipe.execute()]
+            for job_id, _, small in results:
+                if small is not None:  # only where the upload still exists, with its TTL
+                    pipe.set(self.keys.upload(job_id), small, xx=True, keepttl=True)
+            replies = pipe.execute()
+        return [int(reply) == 1 for reply in replies[: len(results)]]
+
+    def _end_keys(self, job_id: str) -> list[str]:
+        k = self.keys
+        return [k.job(job_id), k.events(job_id), k.pending, k.upload(job_id)]
 
     def _end(self, job_id: str, status: JobStatus, field: str, value: str) -> bool:
-        keys = [self.keys.job(job_id), self.keys.events(job_id), self.keys.pending]
         args = [job_id, status.value, now().isoformat(), field, value]
-        return int(self._finish(keys=keys, args=args)) == 1
+        return int(self._finish(keys=self._end_keys(job_id), args=args)) == 1
 
 
 class AsyncJobStore:

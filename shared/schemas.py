@@ -9,6 +9,8 @@ import numpy as np
 import numpy.typing as npt
 from pydantic import BaseModel, Field
 
+from shared.settings import FASHION_MNIST
+
 Embeddings = npt.NDArray[np.float32]
 """A (n, dim) matrix of L2-normalised float32 rows."""
 
@@ -103,7 +105,7 @@ class Job(BaseModel):
     status: JobStatus
     kind: JobKind = Field(JobKind.IMAGE, description="image: an upload; text: a text query")
     text: str | None = Field(None, description="The text query of a text job")
-    gallery: str = Field(description="The gallery searched")
+    gallery: str = Field(FASHION_MNIST, description="The gallery searched")
     k: int
     stage: JobStage | None = Field(None, description="While running: what the worker is doing")
     created_at: datetime

@@ -75,6 +75,7 @@ def chunk_spec(
         "gallery": source.name,
         "start": start,
         "stop": stop,
+        "count": len(source),
         "batch_size": batch_size,
         "model_id": encoder.model_id,
         "preprocessing_digest": encoder.preprocessing_digest,
@@ -95,19 +96,23 @@ class _Keys:
     def result(self, start: int) -> str:
         return f"{self.done}:{start}"
 
+    def started(self, start: int) -> str:
+        return f"{self.done}:{start}:started"
+
 
 # --- the worker's side -----------------------------------------------------------------------
 
 
-@lru_cache(maxsize=2)
+@lru_cache(maxsize=1)
 def _fashion_mnist(data_dir: str | None, size: int) -> FashionMnistSource:
+    """The whole gallery of a build, read once per worker (every chunk shares it)."""
     return FashionMnistSource.load(Path(data_dir) if data_dir else None, size=size)
 
 
 def chunk_source(spec: dict[str, Any], *, data_dir: Path | None, max_pixels: int) -> GallerySource:
     """The images of one chunk as the worker can read them; indices start at 0."""
     if spec["kind"] == FASHION_MNIST:
-        gallery = _fashion_mnist(str(data_dir) if data_dir else None, int(spec["stop"]))
+        gallery = _fashion_mnist(str(data_dir) if data_dir else None, int(spec["count"]))
         return FashionMnistSource(
             gallery.pixels[spec["start"] : spec["stop"]],
             gallery.labels[spec["start"] : spec["stop"]],
@@ -130,6 +135,7 @@ def compute_chunk(
     """Embed one chunk and hand the result back through Redis (an error is handed back too)."""
     keys = _Keys(prefix, str(spec["build_id"]))
     start = int(spec["start"])
+    client.set(keys.started(start), time.time(), ex=RESULT_TTL_S)
     try:
         if (spec["model_id"], spec["preprocessing_digest"]) != (
             encoder.model_id,
@@ -151,6 +157,9 @@ def compute_chunk(
         payload = _pack(embeddings, thumbnails, precision=encoder.precision, worker=worker_name)
     except LookalikeError as error:
         payload = json.dumps({"error": f"{worker_name}: {error}"}).encode()
+    except Exception as error:  # handed back too: the builder must not wait for it in vain
+        log.exception("chunk %d of build %s failed", start, spec["build_id"])
+        payload = json.dumps({"error": f"{worker_name}: {type(error).__name__}: {error}"}).encode()
     with client.pipeline(transaction=True) as pipe:
         pipe.set(keys.result(start), payload, ex=RESULT_TTL_S)
         pipe.rpush(keys.done, start)
@@ -184,6 +193,15 @@ def _unpack(payload: bytes) -> tuple[np.ndarray, list[bytes], dict[str, Any]]:
 
 
 # --- the builder's side ----------------------------------------------------------------------
+
+
+def _overdue(client: redis.Redis, keys: _Keys, chunk: _Chunk, *, limit: float) -> bool:
+    """A chunk running past ``limit``, or waiting in the queue far longer than its turn."""
+    started = client.get(keys.started(chunk.start))
+    if started is not None:
+        return time.time() - float(started) > limit
+    # Not started: behind the chunks the workers hold (IN_FLIGHT_PER_WORKER each).
+    return time.monotonic() - chunk.sent_at > limit * (IN_FLIGHT_PER_WORKER + 1)
 
 
 def ready_workers(client: redis.Redis, prefix: str) -> list[dict[str, Any]]:
@@ -237,6 +255,7 @@ def build_index_distributed(
     )
 
     def send(chunk: _Chunk) -> None:
+        client.delete(keys.started(chunk.start))
         task_id = uuid.uuid4().hex
         spec = chunk_spec(
             source,
@@ -267,7 +286,7 @@ def build_index_distributed(
                     precisions.add(str(meta.get("precision")))
                     del in_flight[start]
             for chunk in list(in_flight.values()):  # a worker died with it: send it again
-                if time.monotonic() - chunk.sent_at > limit:
+                if _overdue(client, keys, chunk, limit=limit):
                     if chunk.sends >= MAX_SENDS:
                         raise BuildFailed(
                             f"chunk {chunk.start}-{chunk.stop} was sent {chunk.sends} times "
@@ -282,7 +301,7 @@ def build_index_distributed(
             shown = max(shown, done)
     finally:
         bar.close()
-        client.delete(keys.progress, keys.done)
+        client.delete(keys.progress, keys.done, *(keys.started(c.start) for c in chunks.values()))
     if len(precisions) == 1:
         encoder.precision = precisions.pop()
     elif precisions:

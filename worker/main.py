@@ -128,6 +128,7 @@ def start_reconciler(settings: Settings, *, name: str) -> threading.Event:
         celery_app.store(),
         enqueue,
         queues=search_queues(settings),
+        text_queue=text_queue(settings),
         stuck_after_s=settings.broker.stuck_after_s,
         time_limit_s=settings.broker.task_time_limit_s,
         name=name,

@@ -27,11 +27,13 @@ log = logging.getLogger(__name__)
 
 UNACKED_KEY = "unacked"  # kombu's Redis transport keeps delivered, unacknowledged messages here
 BATCH = 500
+NO_TEXT_WORKER = "No worker takes text queries (LOOKALIKE_TEXT_SEARCH=off on every worker)."
 
 
 @dataclass
 class Report:
     requeued: list[str] = field(default_factory=list)
+    failed: list[str] = field(default_factory=list)
     still_moving: int = 0
     dropped: int = 0
 
@@ -56,6 +58,7 @@ class Reconciler:
         enqueue: Callable[[str, JobKind], None],
         *,
         queues: Sequence[str],
+        text_queue: str | None = None,
         stuck_after_s: float,
         time_limit_s: float,
         name: str,
@@ -66,6 +69,7 @@ class Reconciler:
         self.keys = store.keys
         self.enqueue = enqueue
         self.queues = list(queues)
+        self.text_queue = text_queue or f"{self.queues[0]}.text"
         self.stuck_after_s = stuck_after_s
         self.time_limit_s = time_limit_s
         self.name = name
@@ -84,12 +88,29 @@ class Reconciler:
         return False
 
     def in_flight(self) -> set[str]:
-        """Job ids whose message is waiting in the queue or held, unacknowledged, by a worker."""
+        """Job ids whose message is waiting in a queue or held, unacknowledged, by a worker."""
         waiting: set[str] = set()
         for queue in self.queues:
             waiting |= message_ids(self.client.lrange(queue, 0, -1))
         held = message_ids(self.client.hvals(UNACKED_KEY), unacked=True)
         return waiting | held
+
+    def text_served(self) -> bool | None:
+        """Whether a live, ready worker takes text jobs; None when no worker is ready."""
+        cutoff = time.time() - self.live_window_s
+        names = self.client.zrangebyscore(self.keys.workers, cutoff, "+inf")
+        records = [self.client.get(self.keys.worker(as_text(n))) for n in names]
+        ready = [json.loads(r) for r in records if r]
+        ready = [w for w in ready if isinstance(w, dict) and w.get("state") == "ready"]
+        if not ready:
+            return None
+        return any((w.get("modes") or {}).get("text") for w in ready)
+
+    def drop_text_messages(self, job_id: str) -> None:
+        """Remove a job's messages from the text queue (no worker would ever take them)."""
+        for raw in self.client.lrange(self.text_queue, 0, -1):
+            if job_id in message_ids([raw]):
+                self.client.lrem(self.text_queue, 0, raw)  # type: ignore[arg-type]
 
     def live_workers(self) -> set[str]:
         cutoff = time.time() - self.live_window_s
@@ -107,12 +128,25 @@ class Reconciler:
             return report
         flying = self.in_flight()
         alive = self.live_workers()
+        text_served = self.text_served()
         for raw_id in stuck:
             job_id = as_text(raw_id)
-            job = self.store.get(job_id)
+            try:
+                job = self.store.get(job_id)
+            except ValueError:  # a record this version cannot read: leave it, look at the rest
+                log.exception("job %s: unreadable record, skipped", job_id)
+                self.client.zadd(self.keys.pending, {job_id: now})
+                continue
             if job is None or job.status.is_final:
                 self.client.zrem(self.keys.pending, job_id)
                 report.dropped += 1
+                continue
+            if job.kind == JobKind.TEXT and job.status == JobStatus.QUEUED and text_served is False:
+                # Ready workers, none with text search: the job would wait for its TTL.
+                self.store.fail(job_id, NO_TEXT_WORKER)
+                self.drop_text_messages(job_id)
+                report.failed.append(job_id)
+                log.warning("job %s: no worker serves text search, failed", job_id)
                 continue
             if job.status == JobStatus.RUNNING:
                 # Its worker lives and the job is within its time limit: it is computing. A

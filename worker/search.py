@@ -17,6 +17,7 @@ import redis
 from PIL import Image
 
 from shared.errors import ImageRejected, JobFailed
+from shared.galleries import encode_thumbnail
 from shared.images import decode_upload
 from shared.jobs import JobRecord, JobStore, Started, now
 from shared.logs import job_fields
@@ -38,6 +39,7 @@ log = logging.getLogger(__name__)
 UPLOAD_GONE = "The uploaded image is no longer stored (it expired or was removed)."
 TOO_MANY_ATTEMPTS = "The job was abandoned after {n} attempts: its worker stopped each time."
 INTERNAL = "The worker hit an internal error ({name})."
+KEEP_UPLOADS_UP_TO = 64 * 1024  # bytes: smaller uploads stay as they are after the job
 
 
 @dataclass
@@ -46,6 +48,7 @@ class _Ready:
     image: Image.Image | None
     decode_ms: float
     began: float
+    upload_size: int = 0
     query: Embeddings | None = None
     embed_ms: float = 0.0
 
@@ -92,7 +95,7 @@ def run_search_jobs(
             _fail(store, job.id, error.reason, str(error), context)
             continue
         decode_ms = (time.perf_counter() - t0) * 1000
-        ready.append(_Ready(job, image, decode_ms, began))
+        ready.append(_Ready(job, image, decode_ms, began, len(started.upload or b"")))
         log.info("job %s: decoded", job.id, extra=job_fields(job.id, stage="decode", ms=decode_ms))
     if not ready:
         return
@@ -130,9 +133,18 @@ def run_search_jobs(
         )
         for item, scores, indices, search_ms in answered
     ]
-    stored = store.succeed_many([(item.job.id, result) for item, result in results])
+    stored = store.succeed_many(
+        [(item.job.id, result, _small_copy(item)) for item, result in results]
+    )
     for (item, result), ended_it in zip(results, stored, strict=True):
         _succeeded(item.job.id, result, ended_it, context)
+
+
+def _small_copy(item: _Ready) -> bytes | None:
+    """What to keep of a large upload for the result picture: a copy of at most 256 px."""
+    if item.image is None or item.upload_size <= KEEP_UPLOADS_UP_TO:
+        return None
+    return encode_thumbnail(item.image)
 
 
 def _started(store: JobStore, started: Started, context: Context) -> JobRecord | None:

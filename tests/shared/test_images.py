@@ -18,6 +18,7 @@ from shared.images import (
     EMPTY,
     MAX_ASPECT_RATIO,
     NOT_AN_IMAGE,
+    SHRINK_TO,
     TOO_MANY_PIXELS,
     decode_upload,
     to_rgb,
@@ -347,3 +348,45 @@ def test_decode_raises_only_image_rejected_on_arbitrary_bytes(prefix: bytes, bod
     except ImageRejected:
         return
     assert decoded.image.mode == "RGB"
+
+
+# --- large images are shrunk early ---------------------------------------------------------------
+
+
+@pytest.mark.parametrize("image_format", ["PNG", "TIFF", "BMP"])
+def test_large_image_is_shrunk_keeping_twice_what_clip_sees(image_format: str) -> None:
+    image = decode(encode(noise(4000, 3000), image_format))
+
+    assert SHRINK_TO <= min(image.size) < 2 * SHRINK_TO
+    assert image.size in ((4000 // 6, 3000 // 6), (-(-4000 // 6), 3000 // 6))  # 1/6
+
+
+def test_large_sixteen_bit_image_is_shrunk_and_not_white() -> None:
+    grey = Image.fromarray(np.full((2000, 3000), 257 * 100, dtype=np.uint16))
+
+    image = decode(encode(grey, "PNG"))
+
+    assert min(image.size) < 2 * SHRINK_TO
+    assert close(image.getpixel((10, 10)), (100, 100, 100))
+
+
+def test_large_jpeg_keeps_its_exif_orientation() -> None:
+    exif = Image.Exif()
+    exif[0x0112] = 6  # stored landscape, shown rotated a quarter turn: portrait
+    data = encode(noise(3000, 2000), "JPEG", exif=exif.tobytes())
+
+    image = decode(data)
+
+    assert image.width < image.height
+    assert min(image.size) >= 224
+
+
+def test_large_palette_image_with_transparency_is_shrunk_onto_black() -> None:
+    palette = Image.new("P", (3000, 2000), 0)
+    palette.putpalette([255, 255, 255] * 256)
+    data = encode(palette, "PNG", transparency=0)
+
+    image = decode(data)
+
+    assert min(image.size) < 2 * SHRINK_TO
+    assert image.getpixel((5, 5)) == (0, 0, 0)

@@ -287,3 +287,59 @@ def test_new_job_ids_are_unique() -> None:
 )
 def test_is_job_id_rejects_bad_id(value: str) -> None:
     assert is_job_id(value) is False
+
+
+# --- what is kept of an upload ------------------------------------------------------------------
+
+
+def test_failing_a_job_deletes_its_upload(store: JobStore, redis_client: redis.Redis) -> None:
+    job_id = created(store, upload=b"x" * 1000)
+
+    store.fail(job_id, "The image is corrupt or truncated.")
+
+    assert not redis_client.exists(store.keys.upload(job_id))
+    assert store.get(job_id) is not None  # the record, with its sentence, stays
+
+
+def test_succeeding_with_a_small_copy_replaces_the_upload_and_keeps_its_ttl(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
+    job_id = created(store, upload=b"x" * 200_000)
+
+    ended = store.succeed_many([(job_id, result(), b"small copy")])
+
+    assert ended == [True]
+    assert redis_client.get(store.keys.upload(job_id)) == b"small copy"
+    assert 0 < redis_client.ttl(store.keys.upload(job_id)) <= TTL_S
+
+
+def test_succeeding_without_a_copy_keeps_the_upload(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
+    job_id = created(store, upload=b"tiny png")
+
+    store.succeed_many([(job_id, result(), None)])
+
+    assert redis_client.get(store.keys.upload(job_id)) == b"tiny png"
+
+
+def test_a_small_copy_never_recreates_an_expired_upload(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
+    job_id = created(store)
+    redis_client.delete(store.keys.upload(job_id))
+
+    store.succeed_many([(job_id, result(), b"small copy")])
+
+    assert not redis_client.exists(store.keys.upload(job_id))
+
+
+def test_start_many_reads_attempt_record_and_upload_in_one_go(store: JobStore) -> None:
+    first, second = created(store, upload=b"one"), created(store, upload=b"two")
+    store.fail(second, "Stopped by a test.")
+
+    started = store.start_many([first, second, "f" * 32], worker="w1")
+
+    assert [(s.attempt, s.upload) for s in started] == [(1, b"one"), (-1, None), (-2, None)]
+    assert started[0].job is not None and started[0].job.status == JobStatus.RUNNING
+    assert started[0].job.stage is not None

@@ -8,8 +8,8 @@ import time
 import redis
 
 from shared.jobs import JobStore
-from shared.schemas import JobKind
-from worker.reconciler import UNACKED_KEY, Reconciler, message_ids
+from shared.schemas import JobKind, JobStatus
+from worker.reconciler import NO_TEXT_WORKER, UNACKED_KEY, Reconciler, message_ids
 
 
 def kombu_message(job_id: str) -> bytes:
@@ -160,3 +160,66 @@ def test_stuck_text_job_is_requeued_as_a_text_job(redis_client: redis.Redis) -> 
     reconciler.run_once()
 
     assert kinds == [JobKind.TEXT]
+
+
+def ready_worker(client: redis.Redis, name: str, *, text: bool) -> None:
+    """A worker's readiness record, as worker.heartbeat writes it."""
+    record = {"name": name, "state": "ready", "modes": {"image": True, "text": text}}
+    client.set(f"lookalike:worker:{name}", json.dumps(record), ex=15)
+    client.zadd("lookalike:workers", {name: time.time()})
+
+
+def test_queued_text_job_fails_when_the_ready_workers_take_no_text(
+    redis_client: redis.Redis,
+) -> None:
+    store, reconciler, sent = make(redis_client)
+    ready_worker(redis_client, "w2", text=False)
+    store.create("d" * 32, text="a shoe", k=5)
+    redis_client.lpush("lookalike.text", kombu_message("d" * 32))
+    redis_client.zadd(store.keys.pending, {"d" * 32: time.time() - 3600})
+
+    report = reconciler.run_once()
+
+    job = store.get("d" * 32)
+    assert job is not None and job.status == JobStatus.FAILED
+    assert job.error == NO_TEXT_WORKER
+    assert report.failed == ["d" * 32] and sent == []
+    assert redis_client.llen("lookalike.text") == 0  # nobody would ever take it
+
+
+def test_queued_text_job_waits_while_no_worker_is_ready(redis_client: redis.Redis) -> None:
+    store, reconciler, _ = make(redis_client)
+    store.create("e" * 32, text="a shoe", k=5)
+    redis_client.lpush("lookalike.text", kombu_message("e" * 32))
+    redis_client.zadd(store.keys.pending, {"e" * 32: time.time() - 3600})
+
+    report = reconciler.run_once()
+
+    job = store.get("e" * 32)
+    assert job is not None and job.status == JobStatus.QUEUED
+    assert report.still_moving == 1 and report.failed == []
+
+
+def test_queued_text_job_waits_when_a_ready_worker_takes_text(redis_client: redis.Redis) -> None:
+    store, reconciler, _ = make(redis_client)
+    ready_worker(redis_client, "w2", text=False)
+    ready_worker(redis_client, "w3", text=True)
+    store.create("f" * 32, text="a shoe", k=5)
+    redis_client.lpush("lookalike.text", kombu_message("f" * 32))
+    redis_client.zadd(store.keys.pending, {"f" * 32: time.time() - 3600})
+
+    report = reconciler.run_once()
+
+    assert report.failed == [] and report.still_moving == 1
+
+
+def test_an_unreadable_record_does_not_stop_the_sweep(redis_client: redis.Redis) -> None:
+    store, reconciler, sent = make(redis_client)
+    redis_client.hset(store.keys.job("1" * 32), mapping={"id": "1" * 32, "status": "bogus"})
+    store.create("2" * 32, upload=b"x", k=5)
+    old = time.time() - 3600
+    redis_client.zadd(store.keys.pending, {"1" * 32: old - 1, "2" * 32: old})
+
+    reconciler.run_once()
+
+    assert sent == ["2" * 32]  # the lost job behind it is still re-enqueued

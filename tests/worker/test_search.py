@@ -17,7 +17,13 @@ from shared.schemas import Job, JobKind, JobStatus
 from shared.settings import FASHION_MNIST, GallerySettings, ModelSettings, Settings
 from tests.support import gallery_png
 from worker.engine import TEXT_OFF, UNKNOWN_GALLERY, Engine, load_engine
-from worker.search import TOO_MANY_ATTEMPTS, UPLOAD_GONE, run_search_job, run_search_jobs
+from worker.search import (
+    KEEP_UPLOADS_UP_TO,
+    TOO_MANY_ATTEMPTS,
+    UPLOAD_GONE,
+    run_search_job,
+    run_search_jobs,
+)
 from worker.text_encoder import load_text_encoder
 
 SIZE = 100
@@ -455,3 +461,46 @@ def test_metrics_label_an_unknown_gallery_as_unknown_gallery(
 
     values = read_stored(redis_client.hgetall(f"{METRICS_PREFIX}:metrics"))
     assert finished(values, status="failed", reason="unknown_gallery") == 1
+
+
+# --- what is kept of an upload after its job --------------------------------------------------
+
+
+def test_a_large_upload_is_replaced_by_a_small_copy_for_the_picture(
+    store: JobStore, engine: Engine, redis_client: redis.Redis
+) -> None:
+    import io
+
+    from PIL import Image
+
+    photo = Image.fromarray(np.random.default_rng(3).integers(0, 255, (900, 1000, 3), np.uint8))
+    buffer = io.BytesIO()
+    photo.save(buffer, format="PNG")
+    job_id = submitted(store, buffer.getvalue())
+    assert len(buffer.getvalue()) > KEEP_UPLOADS_UP_TO
+
+    assert run(store, engine, job_id).status == JobStatus.SUCCEEDED
+
+    kept = redis_client.get(store.keys.upload(job_id))
+    assert kept is not None and len(kept) < KEEP_UPLOADS_UP_TO
+    assert max(Image.open(io.BytesIO(kept)).size) <= 256
+
+
+def test_a_small_upload_is_kept_as_it_is(
+    store: JobStore, engine: Engine, fake_data_dir: Path, redis_client: redis.Redis
+) -> None:
+    upload = gallery_png(fake_data_dir, 4)
+    job_id = submitted(store, upload)
+
+    run(store, engine, job_id)
+
+    assert redis_client.get(store.keys.upload(job_id)) == upload
+
+
+def test_a_failed_job_keeps_no_upload(
+    store: JobStore, engine: Engine, redis_client: redis.Redis
+) -> None:
+    job_id = submitted(store, b"not an image at all")
+
+    assert run(store, engine, job_id).status == JobStatus.FAILED
+    assert not redis_client.exists(store.keys.upload(job_id))
