@@ -13,9 +13,9 @@ from dataclasses import dataclass
 from typing import Any
 
 from fastapi import HTTPException, Request
-from starlette.datastructures import UploadFile
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.multipart import Form, MultipartRefused, read_multipart
 from shared.settings import GALLERY_NAME
 
 NO_FILE = (
@@ -114,34 +114,59 @@ class Submission:
 
 async def read_submission(request: Request, *, max_files: int) -> Submission:
     """The files, text, ``k`` and ``gallery`` of a request, or an HTTP refusal."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    if content_type == "application/json":
+    content_type = request.headers.get("content-type", "")
+    kind = content_type.split(";")[0].strip().lower()
+    if kind == "application/json":
         return await _read_json(request)
-    try:
-        form = await request.form(
-            max_files=max_files, max_fields=MAX_FIELDS, max_part_size=MAX_FIELD_BYTES
-        )
-    except StarletteHTTPException as error:
-        raise HTTPException(400, _parser_detail(str(error.detail), max_files)) from None
-    try:
-        files = [v for v in form.getlist("file") if isinstance(v, UploadFile)]
-        others = [v for k, v in form.multi_items() if isinstance(v, UploadFile) and k != "file"]
-        if others:
-            raise HTTPException(
-                400, ONE_FILE if max_files == 1 else BATCH_FILES.format(n=max_files)
-            )
-        data = [await f.read() for f in files]
-    finally:
-        await form.close()
-    texts = [v for v in form.getlist("text") if isinstance(v, str)]
+    if kind == "multipart/form-data":
+        form = await _read_multipart(request, content_type, max_files=max_files)
+        try:
+            if any(part.field != "file" for part in form.files):
+                raise HTTPException(400, _too_many_files(max_files))
+            data = [part.read() for part in form.files]
+        finally:
+            form.close()
+        fields: dict[str, list[Any]] = {}
+        for name, value in form.fields:
+            fields.setdefault(name, []).append(value)
+    else:  # a urlencoded form (a text query), or nothing usable
+        try:
+            parsed = await request.form(max_files=0, max_fields=MAX_FIELDS)
+        except StarletteHTTPException:
+            raise HTTPException(400, MALFORMED) from None
+        data = []
+        fields = {key: parsed.getlist(key) for key in parsed}
+    texts = [v for v in fields.get("text", []) if isinstance(v, str)]
     if len(texts) > 1:
         raise HTTPException(422, BAD_TEXT.format(n=MAX_TEXT_CHARS))
     return Submission(
         files=data,
         text=_parse_text(texts[0]) if texts else None,
-        k=_parse_k(form.getlist("k")),
-        gallery=_parse_gallery(form.getlist("gallery")),
+        k=_parse_k(fields.get("k", [])),
+        gallery=_parse_gallery(fields.get("gallery", [])),
     )
+
+
+async def _read_multipart(request: Request, content_type: str, *, max_files: int) -> Form:
+    try:
+        return await read_multipart(
+            content_type,
+            request.stream(),
+            max_files=max_files,
+            max_fields=MAX_FIELDS,
+            max_field_bytes=MAX_FIELD_BYTES,
+        )
+    except MultipartRefused as refused:
+        detail = {
+            "too_many_files": _too_many_files(max_files),
+            "too_many_fields": TOO_MANY_FIELDS,
+            "field_too_large": FIELD_TOO_LARGE,
+        }.get(refused.kind, MALFORMED)
+        raise HTTPException(400, detail) from None
+
+
+def _too_many_files(max_files: int) -> str:
+    return ONE_FILE if max_files == 1 else BATCH_FILES.format(n=max_files)
 
 
 async def _read_json(request: Request) -> Submission:
@@ -196,13 +221,3 @@ def _parse_gallery(values: list[Any]) -> str | None:
     if GALLERY_NAME.fullmatch(name) is None:
         raise HTTPException(422, BAD_GALLERY)
     return name
-
-
-def _parser_detail(message: str, max_files: int) -> str:
-    if message.startswith("Too many files"):
-        return ONE_FILE if max_files == 1 else BATCH_FILES.format(n=max_files)
-    if message.startswith("Too many fields"):
-        return TOO_MANY_FIELDS
-    if "exceeded maximum size" in message:
-        return FIELD_TOO_LARGE
-    return MALFORMED
