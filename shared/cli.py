@@ -81,8 +81,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
     from worker.index import build_index, index_dir, progress_bar
 
     settings = load_settings()
-    batch_size = args.batch_size or settings.model.batch_size
-    if batch_size < 1:
+    batch_size = args.batch_size or settings.model.batch_size  # None: by the device
+    if batch_size is not None and batch_size < 1:
         return _fail("--batch-size must be at least 1")
     source: GallerySource
     if args.images:
@@ -141,9 +141,10 @@ def cmd_index_build(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     else:
-        from worker.encoder import load_encoder
+        from worker.encoder import index_batch_size, load_encoder
 
         encoder = load_encoder(settings.model, probe_images=source.images(0, 8))
+        batch_size = index_batch_size(batch_size, encoder.device)
         print(
             f"indexing {len(source)} images of {source.name} with {encoder.model_id} "
             f"on {encoder.device} ({encoder.precision}), batch {batch_size}",
@@ -306,7 +307,7 @@ def cmd_eval(args: argparse.Namespace) -> int:
         queries=args.queries,
         k=args.k,
         gallery_size=size,
-        batch_size=args.batch_size or settings.model.batch_size,
+        batch_size=args.batch_size or settings.model.batch_size,  # None: by the device
         progress=not args.no_progress,
     )
     print(format_eval_report(report))

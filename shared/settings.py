@@ -75,7 +75,8 @@ class _Group(BaseSettings):
 class ModelSettings(_Group):
     name: str = Field(DEFAULT_MODEL, validation_alias="LOOKALIKE_MODEL")
     device: str = Field("auto", validation_alias="LOOKALIKE_DEVICE")
-    batch_size: int = Field(32, ge=1, le=4096, validation_alias="LOOKALIKE_BATCH_SIZE")
+    # Images per batch when building an index; unset: 256 on a GPU, 32 on a CPU.
+    batch_size: int | None = Field(None, ge=1, le=4096, validation_alias="LOOKALIKE_BATCH_SIZE")
     threads: int = Field(0, ge=0, le=512, validation_alias="LOOKALIKE_THREADS")
     # auto: int8, else bf16, if it passes the start check; int8 or bf16: that one; off: fp32.
     fast_cpu: Literal["auto", "int8", "bf16", "off"] = Field(

@@ -35,7 +35,7 @@ from shared.galleries import (
     GallerySource,
 )
 from shared.settings import FASHION_MNIST, Settings
-from worker.encoder import ClipImageEncoder, load_encoder
+from worker.encoder import ClipImageEncoder, index_batch_size, load_encoder
 from worker.index import Manifest, embed_chunk, finish_index, open_build, progress_bar
 
 log = logging.getLogger(__name__)
@@ -66,7 +66,7 @@ def chunk_spec(
     build_id: str,
     start: int,
     stop: int,
-    batch_size: int,
+    batch_size: int | None,
 ) -> dict[str, Any]:
     """What a worker needs to compute one chunk: plain JSON."""
     spec: dict[str, Any] = {
@@ -151,7 +151,7 @@ def compute_chunk(
             source,
             0,
             len(source),
-            batch_size=int(spec["batch_size"]),
+            batch_size=index_batch_size(spec.get("batch_size"), encoder.device),
             on_batch=lambda n: client.incrby(keys.progress, n),
         )
         payload = _pack(embeddings, thumbnails, precision=encoder.precision, worker=worker_name)
@@ -217,7 +217,7 @@ def build_index_distributed(
     source: GallerySource,
     *,
     directory: Path,
-    batch_size: int,
+    batch_size: int | None,
     progress: bool = True,
     chunk_timeout_s: float | None = None,
 ) -> Manifest:

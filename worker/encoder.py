@@ -52,6 +52,8 @@ FAST_MIN_COSINE = 0.995
 # cache (on the 2-core development machine: 64 img/s alone, 100 img/s by 8, 55 img/s by 32;
 # `lookalike bench --model-only` prints it). Larger batches are cut into passes of this size.
 INT8_FORWARD = 8
+CPU_INDEX_BATCH = 32
+GPU_INDEX_BATCH = 256
 
 
 def resolve_device(requested: str, *, cuda_available: bool, mps_available: bool = False) -> str:
@@ -67,6 +69,11 @@ def resolve_device(requested: str, *, cuda_available: bool, mps_available: bool 
     if mps_available:
         return "mps"
     return "cpu"
+
+
+def index_batch_size(configured: int | None, device: str) -> int:
+    """Images per batch of an index build: as configured, else large on a GPU."""
+    return configured or (GPU_INDEX_BATCH if device.startswith("cuda") else CPU_INDEX_BATCH)
 
 
 def accelerator_dtype(device: str) -> torch.dtype:

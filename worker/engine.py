@@ -21,7 +21,7 @@ import torch
 from shared.errors import IndexMismatch, JobFailed
 from shared.galleries import FashionMnistSource, read_manifest
 from shared.settings import FASHION_MNIST, Settings
-from worker.encoder import ClipImageEncoder, load_encoder
+from worker.encoder import ClipImageEncoder, index_batch_size, load_encoder
 from worker.index import (
     GalleryIndex,
     build_index,
@@ -108,7 +108,8 @@ def load_engine(settings: Settings, *, build_missing: bool = False) -> Engine:
     )
     if source is not None:
         log.info("no index at %s: building it (%d images)", directory, len(source))
-        build_index(encoder, source, directory=directory, batch_size=settings.model.batch_size)
+        batch_size = index_batch_size(settings.model.batch_size, encoder.device)
+        build_index(encoder, source, directory=directory, batch_size=batch_size)
     size = gallery.size if gallery.name == FASHION_MNIST else None
     galleries = {gallery.name: load_index(directory, encoder, gallery=gallery.name, size=size)}
     refused: dict[str, str] = {}

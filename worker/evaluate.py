@@ -24,7 +24,7 @@ import torch
 from shared.errors import IndexMismatch, LookalikeError
 from shared.fashion_mnist import CLASS_NAMES, SPLITS, Gallery, find_dataset, read_idx
 from shared.settings import Settings
-from worker.encoder import ClipImageEncoder, load_encoder
+from worker.encoder import ClipImageEncoder, index_batch_size, load_encoder
 from worker.index import gallery_to_images, index_dir, load_index, top_k
 
 log = logging.getLogger(__name__)
@@ -195,7 +195,7 @@ def run_eval(
     queries: int,
     k: int,
     gallery_size: int,
-    batch_size: int,
+    batch_size: int | None,
     progress: bool = True,
 ) -> dict[str, Any]:
     """Precision@k of CLIP and of raw pixels, per class and overall, as ``--json`` writes it."""
@@ -206,6 +206,7 @@ def run_eval(
     query_set = load_split(data_dir, "test", count=queries)
     gallery = load_split(data_dir, "train", count=gallery_size)
     encoder = load_encoder(settings.model, probe_images=gallery_to_images(gallery.images[:PROBES]))
+    batch_size = index_batch_size(batch_size, encoder.device)
     loaded = time.perf_counter()
     matrix, gallery_note = indexed_gallery(settings, encoder, gallery)
     bar = _progress_bar(total=queries + (gallery_size if matrix is None else 0), enabled=progress)

@@ -314,3 +314,19 @@ def test_random_model_load_leaves_global_rng_alone() -> None:
     load_encoder(ModelSettings(name="random:vit-b-32", device="cpu", fast_cpu="off"))
 
     assert torch.equal(torch.rand(4), expected)
+
+
+@pytest.mark.parametrize(
+    ("configured", "device", "expected"),
+    [
+        (None, "cpu", 32),
+        (None, "cuda", 256),
+        (None, "cuda:1", 256),
+        (64, "cuda", 64),
+        (8, "cpu", 8),
+    ],
+)
+def test_index_builds_use_large_batches_on_a_gpu_unless_told(
+    configured: int | None, device: str, expected: int
+) -> None:
+    assert encoder_module.index_batch_size(configured, device) == expected
