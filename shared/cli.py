@@ -16,10 +16,14 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from shared.errors import LookalikeError
-from shared.settings import get_settings, load_settings
+from shared.settings import Settings, get_settings, load_settings
+
+if TYPE_CHECKING:  # the commands import what they need when they run: `api` stays light
+    from shared.galleries import GallerySource
+    from worker.index import Manifest
 
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 
@@ -76,60 +80,18 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 def cmd_index_build(args: argparse.Namespace) -> int:
     """Embed a gallery (Fashion-MNIST, or a folder with --images) and save its index."""
-    from shared.galleries import FashionMnistSource, FolderSource, GallerySource, scan_folder
-    from shared.settings import FASHION_MNIST, GALLERY_NAME
-    from worker.index import build_index, index_dir, progress_bar
-
     settings = load_settings()
     batch_size = args.batch_size or settings.model.batch_size  # None: by the device
     if batch_size is not None and batch_size < 1:
         return _fail("--batch-size must be at least 1")
-    source: GallerySource
-    if args.images:
-        folder = Path(args.images).expanduser()
-        name = args.name or folder.resolve().name.lower()
-        if GALLERY_NAME.fullmatch(name) is None or name == FASHION_MNIST:
-            return _fail(
-                f"{name!r} is not a gallery name for a folder: give --name with lower-case "
-                "letters, digits, '.', '_' and '-' (and not fashion-mnist)"
-            )
-        directory = index_dir(
-            settings.gallery.index_dir, gallery=name, model_id=settings.model.name
-        )
-    else:
-        if args.name and args.name != FASHION_MNIST:
-            return _fail("--name is for a folder gallery: give the folder with --images")
-        size = args.size or settings.gallery.size
-        if not 1 <= size <= 70_000:
-            return _fail("--size must be from 1 to 70000")
-        directory = index_dir(
-            settings.gallery.index_dir,
-            gallery=FASHION_MNIST,
-            model_id=settings.model.name,
-            size=size,
-        )
+    target = _index_target(args, settings)
+    if isinstance(target, str):
+        return _fail(target)
+    name, size, directory = target
     if (directory / "manifest.json").exists() and not args.force:
         print(f"index already built at {directory} (use --force to rebuild)")
         return 0
-    if args.images:
-        bar = progress_bar(total=None, enabled=not args.no_progress, desc="checking files")
-        listing = scan_folder(
-            folder, max_pixels=settings.storage.max_image_pixels, on_file=lambda: bar.update(1)
-        )
-        bar.close()
-        for skipped in listing.skipped:
-            print(f"skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
-        source = FolderSource(name, listing, max_pixels=settings.storage.max_image_pixels)
-        classes = ", ".join(source.class_names[:8]) + (
-            ", ..." if len(source.class_names) > 8 else ""
-        )
-        print(
-            f"{folder}: {len(source)} images in {len(source.class_names)} classes ({classes}); "
-            f"{len(listing.skipped)} unreadable skipped, {listing.ignored} other files ignored",
-            file=sys.stderr,
-        )
-    else:
-        source = FashionMnistSource.load(settings.gallery.data_dir, size=size)
+    source = _gallery_source(args, settings, name=name, size=size)
     if args.distributed:
         from worker.distributed import build_index_distributed
 
@@ -141,26 +103,8 @@ def cmd_index_build(args: argparse.Namespace) -> int:
             progress=not args.no_progress,
         )
     else:
-        from worker.encoder import index_batch_size, load_encoder
-
-        encoder = load_encoder(settings.model, probe_images=source.images(0, 8))
-        batch_size = index_batch_size(batch_size, encoder.device)
-        print(
-            f"indexing {len(source)} images of {source.name} with {encoder.model_id} "
-            f"on {encoder.device} ({encoder.precision}), batch {batch_size}",
-            file=sys.stderr,
-        )
-        if encoder.is_random:
-            print(
-                "warning: random weights: the index is for testing and benchmarks only",
-                file=sys.stderr,
-            )
-        manifest = build_index(
-            encoder,
-            source,
-            directory=directory,
-            batch_size=batch_size,
-            progress=not args.no_progress,
+        manifest = _build_here(
+            settings, source, directory, batch_size, progress=not args.no_progress
         )
     rate = manifest.count / manifest.build_seconds if manifest.build_seconds else 0.0
     print(
@@ -168,6 +112,80 @@ def cmd_index_build(args: argparse.Namespace) -> int:
         f"({rate:.1f} images/s)"
     )
     return 0
+
+
+def _index_target(
+    args: argparse.Namespace, settings: Settings
+) -> tuple[str, int | None, Path] | str:
+    """The gallery's name, size (Fashion-MNIST) and index folder; or why the flags are wrong."""
+    from shared.settings import FASHION_MNIST, GALLERY_NAME
+    from worker.index import index_dir
+
+    root, model = settings.gallery.index_dir, settings.model.name
+    if args.images:
+        name = args.name or Path(args.images).expanduser().resolve().name.lower()
+        if GALLERY_NAME.fullmatch(name) is None or name == FASHION_MNIST:
+            return (
+                f"{name!r} is not a gallery name for a folder: give --name with lower-case "
+                "letters, digits, '.', '_' and '-' (and not fashion-mnist)"
+            )
+        return name, None, index_dir(root, gallery=name, model_id=model)
+    if args.name and args.name != FASHION_MNIST:
+        return "--name is for a folder gallery: give the folder with --images"
+    size = args.size or settings.gallery.size
+    if not 1 <= size <= 70_000:
+        return "--size must be from 1 to 70000"
+    return FASHION_MNIST, size, index_dir(root, gallery=FASHION_MNIST, model_id=model, size=size)
+
+
+def _gallery_source(args: argparse.Namespace, settings: Any, *, name: str, size: int | None) -> Any:
+    """Fashion-MNIST's first ``size`` images, or the folder (checked file by file)."""
+    from shared.galleries import FashionMnistSource, FolderSource, scan_folder
+    from worker.index import progress_bar
+
+    if not args.images:
+        return FashionMnistSource.load(settings.gallery.data_dir, size=size or 0)
+    folder = Path(args.images).expanduser()
+    max_pixels = settings.storage.max_image_pixels
+    bar = progress_bar(total=None, enabled=not args.no_progress, desc="checking files")
+    listing = scan_folder(folder, max_pixels=max_pixels, on_file=lambda: bar.update(1))
+    bar.close()
+    for skipped in listing.skipped:
+        print(f"skipped {skipped.path}: {skipped.reason}", file=sys.stderr)
+    source = FolderSource(name, listing, max_pixels=max_pixels)
+    classes = ", ".join(source.class_names[:8]) + (", ..." if len(source.class_names) > 8 else "")
+    print(
+        f"{folder}: {len(source)} images in {len(source.class_names)} classes ({classes}); "
+        f"{len(listing.skipped)} unreadable skipped, {listing.ignored} other files ignored",
+        file=sys.stderr,
+    )
+    return source
+
+
+def _build_here(
+    settings: Settings,
+    source: GallerySource,
+    directory: Path,
+    batch_size: int | None,
+    *,
+    progress: bool,
+) -> Manifest:
+    """Load the model in this process and build the index with it."""
+    from worker.encoder import index_batch_size, load_encoder
+    from worker.index import build_index
+
+    encoder = load_encoder(settings.model, probe_images=source.images(0, 8))
+    batch = index_batch_size(batch_size, encoder.device)
+    print(
+        f"indexing {len(source)} images of {source.name} with {encoder.model_id} "
+        f"on {encoder.device} ({encoder.precision}), batch {batch}",
+        file=sys.stderr,
+    )
+    if encoder.is_random:
+        print(
+            "warning: random weights: the index is for testing and benchmarks only", file=sys.stderr
+        )
+    return build_index(encoder, source, directory=directory, batch_size=batch, progress=progress)
 
 
 def cmd_query(args: argparse.Namespace) -> int:

@@ -36,7 +36,14 @@ from shared.galleries import (
 )
 from shared.settings import FASHION_MNIST, Settings
 from worker.encoder import ClipImageEncoder, index_batch_size, load_encoder
-from worker.index import Manifest, embed_chunk, finish_index, open_build, progress_bar
+from worker.index import (
+    BuildParts,
+    Manifest,
+    embed_chunk,
+    finish_index,
+    open_build,
+    progress_bar,
+)
 
 log = logging.getLogger(__name__)
 
@@ -212,6 +219,82 @@ def ready_workers(client: redis.Redis, prefix: str) -> list[dict[str, Any]]:
     return [w for w in workers if w.get("state") == "ready"]
 
 
+class _Dispatch:
+    """The builder's side of one distributed build: chunks out, results in."""
+
+    def __init__(
+        self,
+        settings: Settings,
+        client: redis.Redis,
+        source: GallerySource,
+        encoder: ClipImageEncoder,
+        parts: BuildParts,
+        *,
+        batch_size: int | None,
+        limit_s: float,
+    ) -> None:
+        self.client, self.source, self.encoder, self.parts = client, source, encoder, parts
+        self.prefix = settings.storage.key_prefix
+        self.build_id = uuid.uuid4().hex
+        self.keys = _Keys(self.prefix, self.build_id)
+        self.celery = make_celery(settings, name="lookalike-builder")
+        self.queue = build_queue(settings)
+        self.batch_size = batch_size
+        self.limit_s = limit_s
+        self.in_flight: dict[int, _Chunk] = {}
+        self.precisions: set[str] = set()
+
+    def send(self, chunk: _Chunk) -> None:
+        self.client.delete(self.keys.started(chunk.start))
+        task_id = uuid.uuid4().hex
+        spec = chunk_spec(
+            self.source,
+            self.encoder,
+            build_id=self.build_id,
+            start=chunk.start,
+            stop=chunk.stop,
+            batch_size=self.batch_size,
+        )
+        self.celery.send_task(INDEX_CHUNK_TASK, args=[spec], task_id=task_id, queue=self.queue)
+        chunk.sent_at, chunk.sends = time.monotonic(), chunk.sends + 1
+        chunk.task_ids.append(task_id)
+        self.in_flight[chunk.start] = chunk
+
+    def collect(self, *, wait_s: float) -> None:
+        """Save the next finished chunk, if one arrives within ``wait_s``."""
+        popped = self.client.blpop([self.keys.done], timeout=wait_s)
+        if popped is None:
+            return
+        start = int(popped[1])
+        payload = self.client.get(self.keys.result(start))
+        self.client.delete(self.keys.result(start))
+        if start in self.in_flight and isinstance(payload, bytes):  # else: a late duplicate
+            embeddings, thumbnails, meta = _unpack(payload)
+            self.parts.save(start, embeddings, thumbnails)
+            self.precisions.add(str(meta.get("precision")))
+            del self.in_flight[start]
+
+    def resend_overdue(self) -> None:
+        """A chunk whose worker died with it (or that never arrived) is sent again."""
+        for chunk in list(self.in_flight.values()):
+            if not _overdue(self.client, self.keys, chunk, limit=self.limit_s):
+                continue
+            if chunk.sends >= MAX_SENDS:
+                raise BuildFailed(
+                    f"chunk {chunk.start}-{chunk.stop} was sent {chunk.sends} times "
+                    "and never came back: are the workers alive?"
+                )
+            log.warning("chunk %d: no answer in %.0fs, sending it again", chunk.start, self.limit_s)
+            self.send(chunk)
+
+    def embedded(self) -> int:
+        return int(self.client.get(self.keys.progress) or 0)
+
+    def cleanup(self, chunks: list[_Chunk]) -> None:
+        keys = self.keys
+        self.client.delete(keys.progress, keys.done, *(keys.started(c.start) for c in chunks))
+
+
 def build_index_distributed(
     settings: Settings,
     source: GallerySource,
@@ -236,74 +319,35 @@ def build_index_distributed(
         )
     encoder = load_encoder(settings.model, probe_images=source.images(0, 8))
     parts, missing = open_build(encoder, source, directory)
-    build_id = uuid.uuid4().hex
-    keys = _Keys(prefix, build_id)
-    celery = make_celery(settings, name="lookalike-builder")
-    queue = build_queue(settings)
-    limit = chunk_timeout_s or float(settings.broker.task_time_limit_s)
-    chunks = {start: _Chunk(start, stop) for start, stop in missing}
-    waiting = list(chunks.values())
-    in_flight: dict[int, _Chunk] = {}
-    already = len(source) - sum(c.stop - c.start for c in chunks.values())
-    bar = progress_bar(total=len(source), initial=already, enabled=progress)
-    shown = 0
-    precisions: set[str] = set()
+    limit_s = chunk_timeout_s or float(settings.broker.task_time_limit_s)
+    dispatch = _Dispatch(
+        settings, client, source, encoder, parts, batch_size=batch_size, limit_s=limit_s
+    )
+    chunks = [_Chunk(start, stop) for start, stop in missing]
+    waiting = list(chunks)
+    to_embed = sum(c.stop - c.start for c in chunks)
+    bar = progress_bar(total=len(source), initial=len(source) - to_embed, enabled=progress)
     print(
         f"indexing {len(source)} images of {source.name} on {len(workers)} worker(s), "
         f"{len(missing)} chunk(s) to embed",
         flush=True,
     )
-
-    def send(chunk: _Chunk) -> None:
-        client.delete(keys.started(chunk.start))
-        task_id = uuid.uuid4().hex
-        spec = chunk_spec(
-            source,
-            encoder,
-            build_id=build_id,
-            start=chunk.start,
-            stop=chunk.stop,
-            batch_size=batch_size,
-        )
-        celery.send_task(INDEX_CHUNK_TASK, args=[spec], task_id=task_id, queue=queue)
-        chunk.sent_at, chunk.sends = time.monotonic(), chunk.sends + 1
-        chunk.task_ids.append(task_id)
-        in_flight[chunk.start] = chunk
-
+    shown = 0
     try:
-        while waiting or in_flight:
+        while waiting or dispatch.in_flight:
             capacity = IN_FLIGHT_PER_WORKER * max(1, len(ready_workers(client, prefix)))
-            while waiting and len(in_flight) < capacity:
-                send(waiting.pop(0))
-            popped = client.blpop([keys.done], timeout=1)
-            if popped is not None:
-                start = int(popped[1])
-                payload = client.get(keys.result(start))
-                client.delete(keys.result(start))
-                if start in in_flight and isinstance(payload, bytes):  # else: a late duplicate
-                    embeddings, thumbnails, meta = _unpack(payload)
-                    parts.save(start, embeddings, thumbnails)
-                    precisions.add(str(meta.get("precision")))
-                    del in_flight[start]
-            for chunk in list(in_flight.values()):  # a worker died with it: send it again
-                if _overdue(client, keys, chunk, limit=limit):
-                    if chunk.sends >= MAX_SENDS:
-                        raise BuildFailed(
-                            f"chunk {chunk.start}-{chunk.stop} was sent {chunk.sends} times "
-                            "and never came back: are the workers alive?"
-                        )
-                    log.warning(
-                        "chunk %d: no answer in %.0fs, sending it again", chunk.start, limit
-                    )
-                    send(chunk)
-            done = min(int(client.get(keys.progress) or 0), len(source) - already)
-            bar.update(max(0, done - shown))  # resent chunks count twice: capped
+            while waiting and len(dispatch.in_flight) < capacity:
+                dispatch.send(waiting.pop(0))
+            dispatch.collect(wait_s=1)
+            dispatch.resend_overdue()
+            done = min(dispatch.embedded(), to_embed)  # resent chunks count twice: capped
+            bar.update(max(0, done - shown))
             shown = max(shown, done)
     finally:
         bar.close()
-        client.delete(keys.progress, keys.done, *(keys.started(c.start) for c in chunks.values()))
-    if len(precisions) == 1:
-        encoder.precision = precisions.pop()
-    elif precisions:
-        encoder.precision = "mixed: " + ", ".join(sorted(precisions))
+        dispatch.cleanup(chunks)
+    if len(dispatch.precisions) == 1:
+        encoder.precision = dispatch.precisions.pop()
+    elif dispatch.precisions:
+        encoder.precision = "mixed: " + ", ".join(sorted(dispatch.precisions))
     return finish_index(encoder, source, parts, directory=directory, started=started)
