@@ -27,7 +27,7 @@ import httpx
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 
-from shared.redis_server import free_port, start_redis  # noqa: E402
+from shared.redis_server import RedisServer, free_port, start_redis  # noqa: E402
 
 HOME = Path(os.environ.get("BENCH_HOME", "/tmp/lookalike-bench"))
 CHECKPOINT = HOME / "clip-b32"
@@ -64,6 +64,19 @@ CONFIGS: dict[str, list[tuple[str, int, dict[str, str], int, int]]] = {
 
 def cli(*args: str) -> list[str]:
     return [sys.executable, "-m", "shared.cli", *args]
+
+
+def stop(procs: list[subprocess.Popen[bytes]], redis: RedisServer) -> None:
+    """Stop the service's processes, killing any that do not stop in time, then Redis."""
+    for proc in procs:
+        proc.terminate()
+    for proc in procs:
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+    redis.stop()
 
 
 def ensure_checkpoint() -> None:
@@ -141,11 +154,7 @@ def run_config(workers: int, extra: dict[str, str], requests: int, concurrency: 
             )
             return json.loads(out.read_text())
         finally:
-            for proc in procs:
-                proc.terminate()
-            for proc in procs:
-                proc.wait(timeout=30)
-            redis.stop()
+            stop(procs, redis)
 
 
 def row(name: str, s: dict) -> str:
@@ -195,11 +204,7 @@ def startup(repeats: int = 3) -> None:
                     flush=True,
                 )
             finally:
-                for proc in procs:
-                    proc.terminate()
-                for proc in procs:
-                    proc.wait(timeout=30)
-                redis.stop()
+                stop(procs, redis)
 
 
 def build(size: int = 4096) -> None:
@@ -248,11 +253,7 @@ def build(size: int = 4096) -> None:
                     flush=True,
                 )
             finally:
-                for proc in procs:
-                    proc.terminate()
-                for proc in procs:
-                    proc.wait(timeout=30)
-                redis.stop()
+                stop(procs, redis)
 
 
 def _build_figures(stdout: str) -> str:

@@ -25,6 +25,7 @@ from PIL import Image
 from transformers import (
     AutoConfig,
     CLIPConfig,
+    CLIPTextConfig,
     CLIPVisionConfig,
     CLIPVisionModelWithProjection,
 )
@@ -165,22 +166,30 @@ def _load_model(name: str) -> torch.nn.Module:
                 CLIPVisionConfig(**RANDOM_SHAPES[shape])
             )
             return model
-    # A full CLIP checkpoint (as on the hub) keeps the projection size at the top level;
-    # the vision tower alone is loaded (its text weights are skipped, on purpose).
-    config = AutoConfig.from_pretrained(name)
-    if isinstance(config, CLIPConfig):
-        vision_config = config.vision_config
-        vision_config.projection_dim = config.projection_dim
-    elif isinstance(config, CLIPVisionConfig):
-        vision_config = config
-    else:
-        raise ModelLoadError(
-            f"LOOKALIKE_MODEL={name} is a {type(config).__name__}, not a CLIP checkpoint"
-        )
+    # The vision tower alone is loaded (its text weights are skipped, on purpose).
+    vision_config = tower_config(name, "vision")
+    if vision_config is None:
+        found = type(AutoConfig.from_pretrained(name)).__name__
+        raise ModelLoadError(f"LOOKALIKE_MODEL={name} is a {found}, not a CLIP checkpoint")
     loaded: torch.nn.Module = CLIPVisionModelWithProjection.from_pretrained(
         name, config=vision_config
     )
     return loaded
+
+
+def tower_config(name: str, tower: str) -> Any:
+    """The config of one tower (``vision`` or ``text``) of the checkpoint ``name``, or None.
+
+    A full CLIP checkpoint (as on the hub) keeps the projection size at the top level: it is
+    copied into the tower's config. A checkpoint of that tower alone is its own config.
+    """
+    config = AutoConfig.from_pretrained(name)
+    if isinstance(config, CLIPConfig):
+        sub = config.vision_config if tower == "vision" else config.text_config
+        sub.projection_dim = config.projection_dim
+        return sub
+    alone = CLIPVisionConfig if tower == "vision" else CLIPTextConfig
+    return config if isinstance(config, alone) else None
 
 
 def load_encoder(

@@ -21,7 +21,6 @@ import torch
 from transformers import (
     AutoConfig,
     AutoTokenizer,
-    CLIPConfig,
     CLIPTextConfig,
     CLIPTextModelWithProjection,
     CLIPTokenizer,
@@ -31,7 +30,7 @@ from transformers.utils import logging as hf_logging
 from shared.errors import ModelLoadError
 from shared.schemas import Embeddings
 from shared.settings import RANDOM_MODEL_PREFIX
-from worker.encoder import RANDOM_SEED, RANDOM_SHAPES, accelerator_dtype
+from worker.encoder import RANDOM_SEED, RANDOM_SHAPES, accelerator_dtype, tower_config
 
 log = logging.getLogger(__name__)
 
@@ -105,14 +104,10 @@ def _load(name: str) -> tuple[torch.nn.Module, Any]:
             torch.manual_seed(RANDOM_SEED + 1)
             model = CLIPTextModelWithProjection(CLIPTextConfig(**RANDOM_SHAPES[shape]))
         return model, byte_level_tokenizer()
-    config = AutoConfig.from_pretrained(name)
-    if isinstance(config, CLIPConfig):
-        text_config = config.text_config
-        text_config.projection_dim = config.projection_dim
-    elif isinstance(config, CLIPTextConfig):
-        text_config = config
-    else:
-        raise ModelLoadError(f"{name!r} has no text tower ({type(config).__name__}). {NEEDS_TEXT}")
+    text_config = tower_config(name, "text")
+    if text_config is None:
+        found = type(AutoConfig.from_pretrained(name)).__name__
+        raise ModelLoadError(f"{name!r} has no text tower ({found}). {NEEDS_TEXT}")
     model, info = CLIPTextModelWithProjection.from_pretrained(
         name, config=text_config, output_loading_info=True
     )
