@@ -26,7 +26,6 @@ from api.uploads import (
     BATCH_NO_TEXT,
     FILE_OR_TEXT,
     NO_FILE,
-    ONE_FILE,
     UPLOAD_BODY,
     Submission,
     read_submission,
@@ -87,9 +86,7 @@ async def create_job(
     if submission.files and submission.text is not None:
         raise HTTPException(400, FILE_OR_TEXT)
     if not submission.files and submission.text is None:
-        raise HTTPException(422, NO_FILE)
-    if len(submission.files) > 1:
-        raise HTTPException(400, ONE_FILE)
+        raise HTTPException(422, NO_FILE)  # (a second file was refused while reading)
     jobs = await _accept(request, submission, max_files=1, k=k, gallery=gallery, owner=owner)
     response.headers["Location"] = f"/jobs/{jobs[0].id}"
     return jobs[0]

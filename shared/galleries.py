@@ -296,14 +296,20 @@ def read_manifest(directory: Path) -> dict[str, object] | None:
     return loaded if isinstance(loaded, dict) else None
 
 
-def find_gallery_dirs(root: Path, name: str) -> Sequence[Path]:
-    """Index folders under ``root`` whose manifest names gallery ``name``, largest first."""
-    found: list[tuple[int, Path]] = []
+def built_indexes(root: Path) -> list[tuple[Path, dict[str, object]]]:
+    """Every index folder under ``root`` with its manifest, by folder name."""
     if not root.is_dir():
         return []
-    for directory in root.iterdir():
-        manifest = read_manifest(directory)
-        if manifest is not None and manifest.get("gallery") == name:
-            count = manifest.get("count")
-            found.append((count if isinstance(count, int) else 0, directory))
-    return [d for _, d in sorted(found, key=lambda item: -item[0])]
+    found = [(directory, read_manifest(directory)) for directory in sorted(root.iterdir())]
+    return [(directory, manifest) for directory, manifest in found if manifest is not None]
+
+
+def find_gallery_dirs(root: Path, name: str) -> Sequence[Path]:
+    """Index folders under ``root`` whose manifest names gallery ``name``, largest first."""
+
+    def count(manifest: dict[str, object]) -> int:
+        value = manifest.get("count")
+        return value if isinstance(value, int) else 0
+
+    found = [(d, m) for d, m in built_indexes(root) if m.get("gallery") == name]
+    return [d for d, _ in sorted(found, key=lambda item: -count(item[1]))]

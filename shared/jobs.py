@@ -303,6 +303,15 @@ class JobStore:
         """Record why the job failed unless it already ended."""
         return self._end(job_id, JobStatus.FAILED, "error", error)
 
+    def ready_workers(self, *, within_s: float) -> list[dict[str, Any]]:
+        """The workers whose heartbeat is fresher than ``within_s`` seconds (any state)."""
+        cutoff = now().timestamp() - within_s
+        names = self.client.zrangebyscore(self.keys.workers, cutoff, "+inf")
+        if not names:
+            return []
+        values = self.client.mget([self.keys.worker(as_text(n)) for n in names])  # type: ignore[union-attr]
+        return [json.loads(v) for v in values if v]
+
     def succeed_many(self, results: Sequence[tuple[str, JobResult, bytes | None]]) -> list[bool]:
         """Store several results in one round trip; True where that call ended the job.
 

@@ -34,6 +34,7 @@ from shared.galleries import (
     FolderSource,
     GallerySource,
 )
+from shared.jobs import JobStore
 from shared.settings import FASHION_MNIST, Settings
 from worker.encoder import ClipImageEncoder, index_batch_size, load_encoder
 from worker.index import (
@@ -212,10 +213,8 @@ def _overdue(client: redis.Redis, keys: _Keys, chunk: _Chunk, *, limit: float) -
 
 
 def ready_workers(client: redis.Redis, prefix: str) -> list[dict[str, Any]]:
-    cutoff = time.time() - HEARTBEAT_WINDOW_S
-    names = client.zrangebyscore(f"{prefix}:workers", cutoff, "+inf")
-    records = [client.get(f"{prefix}:worker:{n.decode()}") for n in names]  # type: ignore[union-attr]
-    workers = [json.loads(r) for r in records if r]
+    store = JobStore(client, prefix=prefix, ttl_s=RESULT_TTL_S)  # the TTL is not used here
+    workers = store.ready_workers(within_s=HEARTBEAT_WINDOW_S)
     return [w for w in workers if w.get("state") == "ready"]
 
 

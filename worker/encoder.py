@@ -224,7 +224,7 @@ def load_encoder(
         raise
     except Exception as error:
         raise ModelLoadError(
-            f"Could not load the CLIP model {name!r}: {_first_line(error)}. Set LOOKALIKE_MODEL "
+            f"Could not load the CLIP model {name!r}: {first_line(error)}. Set LOOKALIKE_MODEL "
             "to a hub id this machine can download or to a local directory saved with "
             "save_pretrained (LOOKALIKE_MODEL=random:vit-b-32 runs offline, with random "
             "weights and meaningless matches)."
@@ -340,6 +340,7 @@ def _synthetic_probes(count: int = 8) -> list[Image.Image]:
     return probes
 
 
-def _first_line(error: BaseException) -> str:
+def first_line(error: BaseException) -> str:
+    """The first line of an error's message, for a one-sentence refusal."""
     text = str(error).strip().splitlines()
     return text[0].rstrip(".") if text else type(error).__name__

@@ -47,6 +47,7 @@ from shared.galleries import (
     GallerySource,
     Skipped,
     ThumbnailPack,
+    built_indexes,
     encode_thumbnail,
     read_manifest,
     write_thumbnail_pack,
@@ -439,19 +440,13 @@ def load_probe_pixels(directory: Path) -> torch.Tensor | None:
 
 def own_gallery_dirs(root: Path, *, model_id: str, exclude: str) -> list[Path]:
     """Built indexes of own (folder) galleries for ``model_id``, except gallery ``exclude``."""
-    if not root.is_dir():
-        return []
-    found = []
-    for directory in sorted(root.iterdir()):
-        manifest = read_manifest(directory)
-        if (
-            manifest is not None
-            and manifest.get("kind") == FOLDER
-            and manifest.get("model_id") == model_id
-            and manifest.get("gallery") != exclude
-        ):
-            found.append(directory)
-    return found
+    return [
+        directory
+        for directory, manifest in built_indexes(root)
+        if manifest.get("kind") == FOLDER
+        and manifest.get("model_id") == model_id
+        and manifest.get("gallery") != exclude
+    ]
 
 
 def skipped_files(directory: Path) -> list[Skipped]:

@@ -97,11 +97,8 @@ class Reconciler:
 
     def text_served(self) -> bool | None:
         """Whether a live, ready worker takes text jobs; None when no worker is ready."""
-        cutoff = time.time() - self.live_window_s
-        names = self.client.zrangebyscore(self.keys.workers, cutoff, "+inf")
-        records = [self.client.get(self.keys.worker(as_text(n))) for n in names]
-        ready = [json.loads(r) for r in records if r]
-        ready = [w for w in ready if isinstance(w, dict) and w.get("state") == "ready"]
+        workers = self.store.ready_workers(within_s=self.live_window_s)
+        ready = [w for w in workers if isinstance(w, dict) and w.get("state") == "ready"]
         if not ready:
             return None
         return any((w.get("modes") or {}).get("text") for w in ready)

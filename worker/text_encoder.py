@@ -30,7 +30,7 @@ from transformers.utils import logging as hf_logging
 from shared.errors import ModelLoadError
 from shared.schemas import Embeddings
 from shared.settings import RANDOM_MODEL_PREFIX
-from worker.encoder import RANDOM_SEED, RANDOM_SHAPES, accelerator_dtype, tower_config
+from worker.encoder import RANDOM_SEED, RANDOM_SHAPES, accelerator_dtype, first_line, tower_config
 
 log = logging.getLogger(__name__)
 
@@ -146,9 +146,8 @@ def load_text_encoder(name: str, *, device: str) -> ClipTextEncoder:
     except ModelLoadError:
         raise
     except Exception as error:
-        first = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
         raise ModelLoadError(
-            f"Could not load the text tower of {name!r}: {first}. {NEEDS_TEXT}"
+            f"Could not load the text tower of {name!r}: {first_line(error)}. {NEEDS_TEXT}"
         ) from error
     dtype = accelerator_dtype(device)
     model = model.eval().to(device=device, dtype=dtype)
