@@ -13,8 +13,6 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-import redis
-import redis.asyncio as aioredis
 from fastapi import FastAPI, Request
 from fastapi.exception_handlers import http_exception_handler
 from fastapi.exceptions import RequestValidationError
@@ -22,19 +20,22 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api.deps import STORE_DOWN, AppState
 from api.enqueue import Enqueuer
 from api.events import SHUTDOWN_S, JobEvents
 from api.fleet import Fleet
 from api.health import router as health_router
 from api.limits import BodySizeLimit
 from api.pages import router as pages_router
-from api.pictures import BAD_INDEX, BAD_SIZE, GalleryImages
+from api.pictures import BAD_INDEX, BAD_SIZE
 from api.pictures import router as pictures_router
-from api.routes import DECODE_SLOTS, STORE_DOWN, router
+from api.routes import DECODE_SLOTS, router
+from api.thumbnails import GalleryImages
 from api.uploads import BAD_GALLERY, BAD_K, BAD_WAIT
 from shared.celery_config import make_celery
 from shared.jobs import AsyncJobStore
 from shared.metrics import Metrics
+from shared.redis_clients import async_client, sync_client
 from shared.settings import Settings, get_settings
 
 log = logging.getLogger(__name__)
@@ -47,37 +48,32 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
-        client = aioredis.Redis.from_url(
-            settings.broker.redis_url,
-            socket_connect_timeout=2,
-            socket_timeout=5,
-            health_check_interval=10,
-            max_connections=256,
-        )
+        client = async_client(settings.broker.redis_url)
         store = AsyncJobStore(
             client, prefix=settings.storage.key_prefix, ttl_s=settings.storage.job_ttl_s
         )
         events = JobEvents(client, store.keys)
         events.start()
         metrics = Metrics(
-            redis.Redis.from_url(
-                settings.broker.redis_url, socket_connect_timeout=2, socket_timeout=5
-            ),
+            sync_client(settings.broker.redis_url, max_connections=2, socket_timeout=5),
             prefix=settings.storage.key_prefix,
         )
         metrics.start()
-        app.state.settings = settings
-        app.state.store = store
-        app.state.events = events
-        app.state.fleet = Fleet(store)
-        app.state.decode_slots = asyncio.Semaphore(DECODE_SLOTS)
-        app.state.metrics = metrics
-        app.state.gallery_images = GalleryImages(settings.gallery.index_dir)
-        app.state.enqueuer = Enqueuer(make_celery(settings, name="lookalike-api"))
+        enqueuer = Enqueuer(make_celery(settings, name="lookalike-api"))
+        app.state.lookalike = AppState(
+            settings=settings,
+            store=store,
+            events=events,
+            fleet=Fleet(store),
+            metrics=metrics,
+            gallery_images=GalleryImages(settings.gallery.index_dir),
+            enqueuer=enqueuer,
+            decode_slots=asyncio.Semaphore(DECODE_SLOTS),
+        )
         try:
             yield
         finally:
-            app.state.enqueuer.close()
+            enqueuer.close()
             await events.stop()
             await asyncio.to_thread(metrics.stop)
             metrics.client.close()
@@ -109,9 +105,9 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 
 
 def _count(app: FastAPI, status: int) -> None:
-    metrics: Metrics | None = getattr(app.state, "metrics", None)
-    if metrics is not None:
-        metrics.inc("lookalike_requests_refused_total", {"status": str(status)})
+    state: AppState | None = getattr(app.state, "lookalike", None)
+    if state is not None:
+        state.metrics.inc("lookalike_requests_refused_total", {"status": str(status)})
 
 
 def _count_refusal(request: Request, status: int) -> None:

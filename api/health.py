@@ -4,31 +4,16 @@ from __future__ import annotations
 
 from typing import Any
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
-from pydantic import BaseModel
 
-from api.fleet import Fleet
-from api.routes import problem_responses
-from api.security import authorise
+from api.deps import FleetDep, MetricsDep, SettingsDep, StoreDep, api_key
+from api.schemas import Health, Readiness, problem_responses
 from shared.celery_config import search_queues
-from shared.jobs import AsyncJobStore
-from shared.metrics import Metrics, read_stored, render
-from shared.settings import Settings
+from shared.metrics import read_stored, render
 
 router = APIRouter()
-
-
-class Health(BaseModel):
-    status: str
-
-
-class Readiness(BaseModel):
-    status: str
-    modes: dict[str, bool]
-    galleries: list[str]
-    workers: list[dict[str, Any]]
 
 
 @router.get("/healthz", response_model=Health, summary="The API process is alive")
@@ -42,9 +27,7 @@ async def healthz() -> Health:
     responses=problem_responses(503),
     summary="Redis is reachable and at least one worker has its model and index loaded",
 )
-async def readyz(request: Request) -> Any:
-    store: AsyncJobStore = request.app.state.store
-    fleet: Fleet = request.app.state.fleet
+async def readyz(store: StoreDep, fleet: FleetDep) -> Any:
     try:
         await store.client.ping()
         view = await fleet.view(fresh=True)
@@ -75,17 +58,16 @@ def _not_ready(reason: str) -> JSONResponse:
     response_class=Response,
     responses={200: {"content": {"text/plain": {}}}, **problem_responses(401, 503)},
     summary="Prometheus metrics of the API and every worker",
+    dependencies=[Depends(api_key)],
 )
-async def metrics(request: Request) -> Response:
-    authorise(request)
-    settings: Settings = request.app.state.settings
-    store: AsyncJobStore = request.app.state.store
-    own: Metrics = request.app.state.metrics
+async def metrics(
+    settings: SettingsDep, store: StoreDep, own: MetricsDep, fleet: FleetDep
+) -> Response:
     await run_in_threadpool(own.flush)
     stored = read_stored(await store.client.hgetall(own.key))
     queues = {name: await store.queue_length(name) for name in search_queues(settings)}
     pending = int(await store.client.zcard(store.keys.pending))
-    view = await request.app.state.fleet.view(fresh=True)
+    view = await fleet.view(fresh=True)
     states: dict[str, int] = {"ready": 0, "loading": 0, "failed": 0}
     for worker in view.workers:
         state = str(worker.get("state"))

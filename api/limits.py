@@ -14,6 +14,8 @@ from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from shared.errors import BodyRefused
+
 TOO_LARGE = "The upload is larger than the {limit} limit."
 TOO_LARGE_BATCH = "The upload is larger than {count} files of the {limit} limit."
 TOO_SLOW = "The upload was too slow to arrive."
@@ -25,12 +27,6 @@ def human_size(size: int) -> str:
     if size % 1024 == 0:
         return f"{size // 1024} kB"
     return f"{size} bytes"
-
-
-class BodyRefused(Exception):
-    def __init__(self, status: int, detail: str) -> None:
-        self.status = status
-        self.detail = detail
 
 
 class BodySizeLimit:

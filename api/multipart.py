@@ -1,15 +1,28 @@
 """A multipart/form-data reader with the limits an image upload needs, on python-multipart.
 
-Starlette's form parser keeps python-multipart's default cap of about 4 kB on a part's header
-line, which refuses a legal upload with a long filename (the name is never used: uploads are
-stored under the server's id). This reader allows header lines up to ``MAX_HEADER_BYTES`` and
-keeps the other guards: a few headers per part, a few fields, small fields, a bounded number
-of files (the body itself is capped by api.limits.BodySizeLimit while it arrives). File
-contents go to spooled temporary files, in memory up to 1 MB each.
+Starlette's ``request.form(max_files=, max_fields=, max_part_size=)`` parses with the same
+python-multipart parser, but cannot serve here; tests/api/test_multipart.py shows each point
+against Starlette itself:
+
+* it keeps python-multipart's cap of about 4 kB on a part's header line, so a legal upload with
+  a long filename (10 kB) is refused; this reader allows ``MAX_HEADER_BYTES`` (the name is never
+  used: uploads are stored under the server's id);
+* its ``max_part_size`` bounds text fields only: a file part is spooled to disk whatever its
+  size, so an oversized file in a batch is only refused after the whole body arrived. Here each
+  file is refused (``file_too_large``, with its number) as soon as it passes ``max_file_bytes``;
+* it accepts a body that ends without its closing delimiter (a truncated upload); here that is
+  ``malformed``;
+* it reads a part named only with ``filename*=`` (RFC 5987 encoding, which RFC 7578 tells
+  senders not to use, but some send) as a text field; here it is a file, as its sender meant.
+
+The other guards stay: a few headers per part, a few small fields, a bounded number of files
+(the body itself is capped by api.limits.BodySizeLimit while it arrives). File contents go to
+spooled temporary files, in memory up to 1 MB each.
 """
 
 from __future__ import annotations
 
+import re
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 from tempfile import SpooledTemporaryFile
@@ -17,17 +30,12 @@ from tempfile import SpooledTemporaryFile
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
 
+from shared.errors import FileTooLarge, MultipartRefused
+
 MAX_HEADER_BYTES = 16 * 1024 + 128
 MAX_HEADERS = 8
 SPOOL_BYTES = 1024 * 1024
-
-
-class MultipartRefused(Exception):
-    """The body breaks a limit or is not multipart; ``kind`` says which."""
-
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
-        self.kind = kind  # too_many_files | too_many_fields | field_too_large | malformed
+_EXTENDED_FILENAME = re.compile(rb"(?:^|;)\s*filename\*\s*=", re.IGNORECASE)
 
 
 @dataclass
@@ -35,6 +43,7 @@ class FilePart:
     field: str
     filename: str
     content: SpooledTemporaryFile[bytes]
+    size: int = 0
 
     def read(self) -> bytes:
         self.content.seek(0)
@@ -62,11 +71,15 @@ def _decode(raw: bytes) -> str:
 
 
 class _Reader:
-    def __init__(self, *, max_files: int, max_fields: int, max_field_bytes: int) -> None:
+    def __init__(
+        self, *, max_files: int, max_fields: int, max_field_bytes: int, max_file_bytes: int
+    ) -> None:
         self.max_files = max_files
         self.max_fields = max_fields
         self.max_field_bytes = max_field_bytes
+        self.max_file_bytes = max_file_bytes
         self.form = Form()
+        self.ended = False
         self._header_name = b""
         self._header_value = b""
         self._disposition = b""
@@ -92,12 +105,13 @@ class _Reader:
         if b"name" not in options:
             raise MultipartRefused("malformed")
         name = _decode(options[b"name"])
-        if b"filename" in options:
+        if b"filename" in options or _EXTENDED_FILENAME.search(self._disposition):
             if len(self.form.files) >= self.max_files:
                 raise MultipartRefused("too_many_files")
             # closed by Form.close(), whatever happens to the request
             content: SpooledTemporaryFile[bytes] = SpooledTemporaryFile(max_size=SPOOL_BYTES)  # noqa: SIM115
-            self._file = FilePart(name, _decode(options[b"filename"]), content)
+            filename = _decode(options.get(b"filename", b""))
+            self._file = FilePart(name, filename, content)
             self.form.files.append(self._file)
         else:
             if len(self.form.fields) >= self.max_fields:
@@ -106,6 +120,9 @@ class _Reader:
 
     def on_part_data(self, data: bytes, start: int, end: int) -> None:
         if self._file is not None:
+            self._file.size += end - start
+            if self._file.size > self.max_file_bytes:
+                raise FileTooLarge(len(self.form.files))
             self._file.content.write(data[start:end])
             return
         self._data += data[start:end]
@@ -117,6 +134,9 @@ class _Reader:
             name, _ = self.form.fields[-1]
             self.form.fields[-1] = (name, _decode(bytes(self._data)))
 
+    def on_end(self) -> None:
+        self.ended = True  # the closing delimiter was read
+
 
 async def read_multipart(
     content_type: str,
@@ -125,13 +145,20 @@ async def read_multipart(
     max_files: int,
     max_fields: int,
     max_field_bytes: int,
+    max_file_bytes: int,
 ) -> Form:
-    """The fields and files of a multipart body; :class:`MultipartRefused` past a limit."""
+    """The fields and files of a multipart body; :class:`MultipartRefused` past a limit
+    (:class:`FileTooLarge` for a file over ``max_file_bytes``, while it arrives)."""
     _, params = parse_options_header(content_type)
     boundary = params.get(b"boundary")
     if not boundary:
         raise MultipartRefused("malformed")
-    reader = _Reader(max_files=max_files, max_fields=max_fields, max_field_bytes=max_field_bytes)
+    reader = _Reader(
+        max_files=max_files,
+        max_fields=max_fields,
+        max_field_bytes=max_field_bytes,
+        max_file_bytes=max_file_bytes,
+    )
     callbacks = {
         name: getattr(reader, name)
         for name in (
@@ -142,6 +169,7 @@ async def read_multipart(
             "on_header_value",
             "on_header_end",
             "on_headers_finished",
+            "on_end",
         )
     }
     try:
@@ -154,6 +182,8 @@ async def read_multipart(
         async for chunk in stream:
             parser.write(chunk)
         parser.finalize()
+        if not reader.ended:
+            raise MultipartRefused("unterminated")
     except FormParserError:
         reader.form.close()
         raise MultipartRefused("malformed") from None

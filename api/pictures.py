@@ -1,6 +1,6 @@
 """Pictures: gallery images, the result picture of a job, and the list of galleries.
 
-Gallery images come from the thumbnail pack of each index folder (shared.galleries), found
+Gallery images come from the thumbnail pack of each index folder (api.thumbnails), found
 under ``LOOKALIKE_INDEX_DIR``: the API host needs that folder (the same volume as the
 workers', mounted read-only in docker-compose.yml), not the model.
 """
@@ -8,34 +8,36 @@ workers', mounted read-only in docker-compose.yml), not the model.
 from __future__ import annotations
 
 import io
-import pathlib
-import threading
-import time
 from typing import Annotated, Any
 
-from fastapi import APIRouter, HTTPException, Path, Query, Request, Response
+from fastapi import APIRouter, HTTPException, Path, Query, Response
 from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
+from api.deps import (
+    JOB_NOT_FOUND,
+    FleetDep,
+    GalleryImagesDep,
+    ReadableJob,
+    SettingsDep,
+    StoreDep,
+)
 from api.fleet import Fleet
-from api.routes import JOB_NOT_FOUND, problem_responses, readable_job
+from api.grid import Tile, fit, render_grid, text_tile
+from api.schemas import problem_responses
+from api.thumbnails import NO_GALLERY_IMAGES, GalleryImages
 from shared.errors import ImageRejected
-from shared.galleries import THUMBS, ThumbnailPack, find_gallery_dirs, pack_stamp
-from shared.grid import Tile, fit, render_grid, text_tile
 from shared.images import decode_upload
-from shared.jobs import AsyncJobStore, JobRecord
+from shared.jobs import JobRecord
 from shared.schemas import Galleries, GallerySummary, JobKind, JobStatus
-from shared.settings import GALLERY_NAME, Settings
+from shared.settings import GALLERY_NAME
 
 router = APIRouter()
 
-NO_GALLERY_IMAGES = "The images of gallery {name!r} are not available on this API host."
-NO_SUCH_IMAGE = "Gallery {name!r} has no image {index}."
 NOT_DONE = "The job has not succeeded, so it has no picture."
 BAD_INDEX = "The image index must be a whole number, 0 or more."
 BAD_SIZE = "size must be a whole number of pixels from 16 to 1024."
 CACHE = "public, max-age=3600"
-MISSING_CACHE_S = 5.0
 PNG = {"content": {"image/png": {}}, "description": "A PNG image"}
 
 Size = Annotated[
@@ -44,58 +46,9 @@ Size = Annotated[
 ]
 
 
-class GalleryImages:
-    """Thumbnail packs by gallery name, opened once per API process and reopened when the
-    gallery is rebuilt (or its workers now advertise another index folder)."""
-
-    def __init__(self, root: pathlib.Path) -> None:
-        self.root = root
-        self._packs: dict[str, ThumbnailPack] = {}
-        self._missing: dict[str, float] = {}  # not found, and when: asked again only later
-        self._lock = threading.Lock()
-
-    def pack(self, name: str, *, advertised_dir: str | None = None) -> ThumbnailPack:
-        with self._lock:
-            cached = self._packs.get(name)
-            missing_since = self._missing.get(name)
-        if cached is not None and self._current(cached, advertised_dir):
-            return cached
-        if missing_since is not None and time.monotonic() - missing_since < MISSING_CACHE_S:
-            raise HTTPException(404, NO_GALLERY_IMAGES.format(name=name))
-        # Looked for outside the lock: a scan of the index folder must not hold up the rest.
-        candidates = [self.root / advertised_dir] if advertised_dir else []
-        candidates += list(find_gallery_dirs(self.root, name))
-        for directory in candidates:
-            if ThumbnailPack.exists(directory / THUMBS):
-                pack = ThumbnailPack(directory / THUMBS)
-                with self._lock:
-                    self._packs[name] = pack
-                    self._missing.pop(name, None)
-                return pack
-        with self._lock:
-            self._packs.pop(name, None)
-            self._missing[name] = time.monotonic()
-        raise HTTPException(404, NO_GALLERY_IMAGES.format(name=name))
-
-    def _current(self, pack: ThumbnailPack, advertised_dir: str | None) -> bool:
-        stem = pack.path.with_suffix("")
-        if advertised_dir and stem.parent != self.root / advertised_dir:
-            return False
-        try:
-            return pack_stamp(stem) == pack.stamp
-        except OSError:  # removed
-            return False
-
-    def image(self, name: str, index: int, *, advertised_dir: str | None = None) -> Image.Image:
-        pack = self.pack(name, advertised_dir=advertised_dir)
-        if not 0 <= index < len(pack):
-            raise HTTPException(404, NO_SUCH_IMAGE.format(name=name, index=index))
-        return pack.image(index)
-
-
-async def _default_gallery(request: Request) -> str | None:
+async def _default_gallery(fleet: Fleet) -> str | None:
     try:
-        view = await request.app.state.fleet.view()
+        view = await fleet.view()
     except Exception:  # without Redis, the API's own setting
         return None
     default: str | None = view.default_gallery
@@ -123,17 +76,17 @@ def _png(image: Image.Image) -> bytes:
     summary="One gallery image, scaled for display (small images crisply, pixel by pixel)",
 )
 async def gallery_image(
-    request: Request,
     index: Annotated[int, Path(ge=0)],
+    settings: SettingsDep,
+    fleet: FleetDep,
+    images: GalleryImagesDep,
     gallery: Annotated[str | None, Query(description="The gallery (default: the server's)")] = None,
     size: Size = None,
 ) -> Response:
-    settings: Settings = request.app.state.settings
-    name = gallery or await _default_gallery(request) or settings.gallery.name
+    name = gallery or await _default_gallery(fleet) or settings.gallery.name
     if GALLERY_NAME.fullmatch(name) is None:
         raise HTTPException(404, NO_GALLERY_IMAGES.format(name=name))
-    images: GalleryImages = request.app.state.gallery_images
-    advertised = await _advertised_dir(request.app.state.fleet, name)
+    advertised = await _advertised_dir(fleet, name)
 
     def render() -> bytes:
         image = images.image(name, index, advertised_dir=advertised)
@@ -150,17 +103,19 @@ async def gallery_image(
     responses={200: PNG, **problem_responses(401, 404, 409, 503)},
     summary="The result picture: the query beside its matches, with class names and scores",
 )
-async def job_grid(request: Request, job_id: str) -> Response:
-    job = await readable_job(request, job_id)
+async def job_grid(
+    job: ReadableJob,
+    store: StoreDep,
+    fleet: FleetDep,
+    images: GalleryImagesDep,
+    settings: SettingsDep,
+) -> Response:
     if job.status != JobStatus.SUCCEEDED or job.result is None:
         raise HTTPException(409, NOT_DONE)
-    store: AsyncJobStore = request.app.state.store
-    upload = await store.upload(job_id) if job.kind == JobKind.IMAGE else None
+    upload = await store.upload(job.id) if job.kind == JobKind.IMAGE else None
     if job.kind == JobKind.IMAGE and upload is None:
         raise HTTPException(404, JOB_NOT_FOUND)
-    advertised = await _advertised_dir(request.app.state.fleet, job.result.gallery.name)
-    images: GalleryImages = request.app.state.gallery_images
-    settings: Settings = request.app.state.settings
+    advertised = await _advertised_dir(fleet, job.result.gallery.name)
     data = await run_in_threadpool(
         _grid,
         job,
@@ -214,9 +169,8 @@ def _grid(
     responses=problem_responses(503),
     summary="The galleries jobs can name, with size and model",
 )
-async def galleries(request: Request) -> Galleries:
-    settings: Settings = request.app.state.settings
-    view = await request.app.state.fleet.view()
+async def galleries(settings: SettingsDep, fleet: FleetDep) -> Galleries:
+    view = await fleet.view()
     default = view.default_gallery or settings.gallery.name
     summaries: list[dict[str, Any]] = list(view.galleries.values())
     listed = [

@@ -7,19 +7,29 @@ import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from kombu.exceptions import OperationalError
-from pydantic import BaseModel
 from redis.exceptions import RedisError
 
+from api.deps import (
+    JOB_NOT_FOUND,
+    STORE_DOWN,
+    AppState,
+    Caller,
+    EventsDep,
+    ReadableJob,
+    SettingsDep,
+    State,
+    StoreDep,
+    read_owned_job,
+)
 from api.events import RECHECK_S, JobEvents
 from api.fleet import FleetView
-from api.limits import TOO_LARGE, human_size
-from api.security import authorise
+from api.schemas import BatchAccepted, problem_responses
 from api.uploads import (
     BATCH_BODY,
     BATCH_FILES,
@@ -33,41 +43,37 @@ from api.uploads import (
 from shared.celery_config import job_queue, search_queues
 from shared.errors import ImageRejected
 from shared.images import decode_upload
-from shared.jobs import AsyncJobStore, JobRecord, NewJob, is_job_id, new_job_id
+from shared.jobs import AsyncJobStore, NewJob, new_job_id
 from shared.logs import job_fields
-from shared.metrics import Metrics
 from shared.schemas import Job, Problem
-from shared.settings import GALLERY_NAME, Settings
+from shared.settings import GALLERY_NAME, MAX_K, Settings
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-JOB_NOT_FOUND = "Job not found."
 QUEUE_FULL = "Too many jobs are waiting; retry shortly."
 QUEUE_DOWN = "The job queue is unavailable; retry shortly."
 UNKNOWN_GALLERY = "Unknown gallery {name!r}: GET /galleries lists them."
 DECODE_SLOTS = 4  # uploads decoded at once per API process: bounds memory under load
 TEXT_OFF = "Text search is off on every worker (LOOKALIKE_TEXT_SEARCH=off)."
-STORE_DOWN = "The job store is unavailable; retry shortly."
 KEEPALIVE_S = 15.0
 STREAM_MAX_S = 600.0
 
-K = Annotated[int | None, Query(ge=1, le=50, description="How many matches (default 5)")]
+# Read as text and parsed by api.uploads, like the same fields of a form or a JSON body.
+K = Annotated[
+    str | None,
+    Query(
+        description="How many matches (default 5)",
+        json_schema_extra={"type": "integer", "minimum": 1, "maximum": MAX_K},
+    ),
+]
 GalleryName = Annotated[
     str | None,
     Query(
-        pattern=f"^{GALLERY_NAME.pattern}$",
         description="The gallery to search (default: the server's)",
+        json_schema_extra={"pattern": f"^{GALLERY_NAME.pattern}$"},
     ),
 ]
-
-
-def problem_responses(*codes: int) -> dict[int | str, dict[str, Any]]:
-    return {code: {"model": Problem} for code in codes}
-
-
-class BatchAccepted(BaseModel):
-    jobs: list[Job]
 
 
 @router.post(
@@ -79,15 +85,25 @@ class BatchAccepted(BaseModel):
     summary="Submit an image (or a text query); answers at once with the job to poll",
 )
 async def create_job(
-    request: Request, response: Response, k: K = None, gallery: GalleryName = None
+    request: Request,
+    response: Response,
+    state: State,
+    owner: Caller,
+    k: K = None,
+    gallery: GalleryName = None,
 ) -> Job:
-    owner = authorise(request)
-    submission = await read_submission(request, max_files=1)
+    submission = await read_submission(
+        request,
+        max_files=1,
+        max_file_bytes=state.settings.storage.max_upload_bytes,
+        query_k=k,
+        query_gallery=gallery,
+    )
     if submission.files and submission.text is not None:
         raise HTTPException(400, FILE_OR_TEXT)
     if not submission.files and submission.text is None:
         raise HTTPException(422, NO_FILE)  # (a second file was refused while reading)
-    jobs = await _accept(request, submission, max_files=1, k=k, gallery=gallery, owner=owner)
+    jobs = await _accept(state, submission, max_files=1, owner=owner)
     response.headers["Location"] = f"/jobs/{jobs[0].id}"
     return jobs[0]
 
@@ -100,41 +116,45 @@ async def create_job(
     openapi_extra=BATCH_BODY,
     summary="Submit several images at once: one job per file, in order",
 )
-async def create_batch(request: Request, k: K = None, gallery: GalleryName = None) -> BatchAccepted:
-    owner = authorise(request)
-    limit = request.app.state.settings.api.max_batch_files
-    submission = await read_submission(request, max_files=limit)
+async def create_batch(
+    request: Request, state: State, owner: Caller, k: K = None, gallery: GalleryName = None
+) -> BatchAccepted:
+    limit = state.settings.api.max_batch_files
+    submission = await read_submission(
+        request,
+        max_files=limit,
+        max_file_bytes=state.settings.storage.max_upload_bytes,
+        query_k=k,
+        query_gallery=gallery,
+    )
     if submission.text is not None:
         raise HTTPException(400, BATCH_NO_TEXT)
     if not 1 <= len(submission.files) <= limit:
         raise HTTPException(400, BATCH_FILES.format(n=limit))
-    jobs = await _accept(request, submission, max_files=limit, k=k, gallery=gallery, owner=owner)
+    jobs = await _accept(state, submission, max_files=limit, owner=owner)
     return BatchAccepted(jobs=jobs)
 
 
 async def _accept(
-    request: Request,
+    state: AppState,
     submission: Submission,
     *,
     max_files: int,
-    k: int | None,
-    gallery: str | None,
     owner: str | None,
 ) -> list[Job]:
     """Validate, store and enqueue the jobs of a submission; all of them or none."""
-    settings: Settings = request.app.state.settings
-    store: AsyncJobStore = request.app.state.store
-    view = await request.app.state.fleet.view()
-    top_k = k if k is not None else (submission.k or settings.gallery.top_k)
+    settings, store = state.settings, state.store
+    view = await state.fleet.view()
+    top_k = submission.k or settings.gallery.top_k
     # The workers' default gallery, when they agree on one: it is theirs to choose.
-    gallery_name = gallery or submission.gallery or view.default_gallery or settings.gallery.name
+    gallery_name = submission.gallery or view.default_gallery or settings.gallery.name
     _check_servable(view, gallery_name, text=submission.text is not None)
     count = max(1, len(submission.files))
     queued = await store.queue_length(*search_queues(settings))
     if queued + count > settings.broker.max_queued:
         raise HTTPException(429, QUEUE_FULL, headers={"Retry-After": "2"})
     # Decoding is the costly check (memory and CPU): last, and a few at a time.
-    async with request.app.state.decode_slots:
+    async with state.decode_slots:
         await run_in_threadpool(
             _check_images, submission.files, settings=settings, numbered=max_files > 1
         )
@@ -153,14 +173,13 @@ async def _accept(
     records = await store.create(new)
     try:
         queue = job_queue(settings, records[0].kind)
-        await request.app.state.enqueuer.send([job.job_id for job in new], queue=queue)
+        await state.enqueuer.send([job.job_id for job in new], queue=queue)
     except OperationalError:
         await store.discard([job.job_id for job in new])
         log.warning("could not enqueue %d job(s): Redis unavailable", len(new))
         raise HTTPException(503, QUEUE_DOWN, headers={"Retry-After": "5"}) from None
-    metrics: Metrics = request.app.state.metrics
     for record in records:
-        metrics.inc("lookalike_jobs_submitted_total", {"kind": record.kind.value})
+        state.metrics.inc("lookalike_jobs_submitted_total", {"kind": record.kind.value})
         log.info(
             "job %s: accepted (%s, k=%d, gallery %s)",
             record.id,
@@ -173,18 +192,15 @@ async def _accept(
 
 
 def _check_images(files: list[bytes], *, settings: Settings, numbered: bool) -> None:
-    """Refuse the submission if any file is too large or not an image we accept; a batch's
-    refusals say which file (``File 2: ...``)."""
-    limit = settings.storage.max_upload_bytes
-    several = numbered
+    """Refuse the submission if any file is not an image we accept; a batch's refusals say
+    which file (``File 2: ...``). (Sizes were checked while the files arrived.)"""
     for number, data in enumerate(files, start=1):
-        if len(data) > limit:
-            detail = TOO_LARGE.format(limit=human_size(limit))
-            raise HTTPException(413, f"File {number}: {detail}" if several else detail)
         try:
             decode_upload(data, max_pixels=settings.storage.max_image_pixels)
         except ImageRejected as error:
-            raise HTTPException(400, f"File {number}: {error}" if several else str(error)) from None
+            raise HTTPException(
+                400, f"File {number}: {error}" if numbered else str(error)
+            ) from None
 
 
 def _check_servable(view: FleetView, gallery: str, *, text: bool) -> None:
@@ -197,18 +213,6 @@ def _check_servable(view: FleetView, gallery: str, *, text: bool) -> None:
         raise HTTPException(422, TEXT_OFF)
 
 
-async def readable_job(request: Request, job_id: str) -> JobRecord:
-    """The job, if it exists and the caller may read it; 404 otherwise."""
-    owner = authorise(request)
-    if not is_job_id(job_id):
-        raise HTTPException(404, JOB_NOT_FOUND)
-    job = await request.app.state.store.get(job_id)
-    if job is None or job.owner != owner:  # another key's job: as good as absent
-        raise HTTPException(404, JOB_NOT_FOUND)
-    assert isinstance(job, JobRecord)
-    return job
-
-
 @router.get(
     "/jobs/{job_id}",
     response_model=Job,
@@ -216,18 +220,20 @@ async def readable_job(request: Request, job_id: str) -> JobRecord:
     summary="Read a job; with ?wait=N, wait up to N seconds for it to end",
 )
 async def read_job(
-    request: Request,
     job_id: str,
+    owner: Caller,
+    store: StoreDep,
+    events: EventsDep,
+    settings: SettingsDep,
     wait: Annotated[
         float, Query(ge=0, description="Long poll: seconds to wait for the end (capped)")
     ] = 0.0,
 ) -> Job:
-    job = await readable_job(request, job_id)
+    job = await read_owned_job(store, job_id, owner)  # after FastAPI checked ``wait``
     if job.status.is_final or wait <= 0:
         return job.public()
-    store: AsyncJobStore = request.app.state.store
-    events: JobEvents = request.app.state.events
-    deadline = time.monotonic() + min(wait, request.app.state.settings.api.max_wait_s)
+    job_id = job.id
+    deadline = time.monotonic() + min(wait, settings.api.max_wait_s)
     with events.watch(job_id, finals_only=True) as changed:
         while True:
             changed.clear()  # before the read: an end published during the read still wakes us
@@ -254,10 +260,9 @@ async def read_job(
     response_class=StreamingResponse,
     summary="Follow a job as Server-Sent Events until it ends",
 )
-async def job_events(request: Request, job_id: str) -> StreamingResponse:
-    await readable_job(request, job_id)
+async def job_events(job: ReadableJob, store: StoreDep, events: EventsDep) -> StreamingResponse:
     return StreamingResponse(
-        _event_stream(request, job_id),
+        _event_stream(store, events, job.id),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -267,9 +272,7 @@ def _sse(event: str, data: str) -> str:
     return f"event: {event}\ndata: {data}\n\n"
 
 
-async def _event_stream(request: Request, job_id: str) -> AsyncIterator[str]:
-    store: AsyncJobStore = request.app.state.store
-    events: JobEvents = request.app.state.events
+async def _event_stream(store: AsyncJobStore, events: JobEvents, job_id: str) -> AsyncIterator[str]:
     ends_at = time.monotonic() + STREAM_MAX_S
     last = ""
     with events.watch(job_id) as changed:

@@ -8,15 +8,21 @@ A text query may also come as JSON: ``{"text": "a red sneaker", "k": 5}``.
 from __future__ import annotations
 
 import json
+import logging
 import re
 from dataclasses import dataclass
 from typing import Any
 
 from fastapi import HTTPException, Request
 from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from api.multipart import Form, MultipartRefused, read_multipart
-from shared.settings import GALLERY_NAME
+from api.limits import TOO_LARGE, human_size
+from api.multipart import Form, read_multipart
+from shared.errors import FileTooLarge, MultipartRefused
+from shared.settings import GALLERY_NAME, MAX_K
+
+log = logging.getLogger(__name__)
 
 NO_FILE = (
     "The request has no 'file' or 'text' field: send an image as multipart/form-data, "
@@ -29,8 +35,11 @@ BATCH_NO_TEXT = "POST /jobs/batch takes image files only; send text queries to P
 TOO_MANY_FIELDS = "The form has too many fields."
 FIELD_TOO_LARGE = "A form field is too large."
 MALFORMED = "The multipart body is malformed."
+UNTERMINATED = "The multipart body ends before its closing boundary: the upload was cut short."
+DISCONNECTED = "The client disconnected before the upload arrived."
+CONFLICT = "{name} is given twice, with different values: in the query string and in the body."
 BAD_JSON = "The JSON body is not an object with a 'text' field."
-BAD_K = "k must be a whole number from 1 to 50."
+BAD_K = f"k must be a whole number from 1 to {MAX_K}."
 BAD_WAIT = "wait must be a number of seconds, 0 or more."
 BAD_TEXT = "text must be 1 to {n} characters."
 BAD_GALLERY = "gallery must be a gallery name (see GET /galleries)."
@@ -40,7 +49,7 @@ MAX_FIELD_BYTES = 16 * 1024
 MAX_TEXT_CHARS = 1000
 
 _FORM_PROPERTIES: dict[str, Any] = {
-    "k": {"type": "integer", "minimum": 1, "maximum": 50, "default": 5},
+    "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 5},
     "gallery": {"type": "string", "description": "A gallery name (default: the server's)"},
 }
 
@@ -112,14 +121,49 @@ class Submission:
     gallery: str | None
 
 
-async def read_submission(request: Request, *, max_files: int) -> Submission:
-    """The files, text, ``k`` and ``gallery`` of a request, or an HTTP refusal."""
+async def read_submission(
+    request: Request,
+    *,
+    max_files: int,
+    max_file_bytes: int,
+    query_k: str | None = None,
+    query_gallery: str | None = None,
+) -> Submission:
+    """The files, text, ``k`` and ``gallery`` of a request, or an HTTP refusal.
+
+    ``k`` and ``gallery`` may come in the query string or in the body, parsed by the same
+    rules; given in both with different values, they are refused.
+    """
+    try:
+        submission = await _read_body(request, max_files=max_files, max_file_bytes=max_file_bytes)
+    except ClientDisconnect:
+        log.info(
+            "%s %s: the client disconnected during the upload", request.method, request.url.path
+        )
+        raise HTTPException(400, DISCONNECTED) from None
+    k = _parse_k([query_k]) if query_k is not None else None
+    gallery = _parse_gallery([query_gallery]) if query_gallery is not None else None
+    if k is not None and submission.k is not None and k != submission.k:
+        raise HTTPException(422, CONFLICT.format(name="k"))
+    if gallery is not None and submission.gallery is not None and gallery != submission.gallery:
+        raise HTTPException(422, CONFLICT.format(name="gallery"))
+    return Submission(
+        files=submission.files,
+        text=submission.text,
+        k=k if k is not None else submission.k,
+        gallery=gallery or submission.gallery,
+    )
+
+
+async def _read_body(request: Request, *, max_files: int, max_file_bytes: int) -> Submission:
     content_type = request.headers.get("content-type", "")
     kind = content_type.split(";")[0].strip().lower()
     if kind == "application/json":
         return await _read_json(request)
     if kind == "multipart/form-data":
-        form = await _read_multipart(request, content_type, max_files=max_files)
+        form = await _read_multipart(
+            request, content_type, max_files=max_files, max_file_bytes=max_file_bytes
+        )
         try:
             if any(part.field != "file" for part in form.files):
                 raise HTTPException(400, _too_many_files(max_files))
@@ -147,7 +191,9 @@ async def read_submission(request: Request, *, max_files: int) -> Submission:
     )
 
 
-async def _read_multipart(request: Request, content_type: str, *, max_files: int) -> Form:
+async def _read_multipart(
+    request: Request, content_type: str, *, max_files: int, max_file_bytes: int
+) -> Form:
     try:
         return await read_multipart(
             content_type,
@@ -155,12 +201,19 @@ async def _read_multipart(request: Request, content_type: str, *, max_files: int
             max_files=max_files,
             max_fields=MAX_FIELDS,
             max_field_bytes=MAX_FIELD_BYTES,
+            max_file_bytes=max_file_bytes,
         )
+    except FileTooLarge as refused:  # refused while it arrives, the rest is never read
+        detail = TOO_LARGE.format(limit=human_size(max_file_bytes))
+        raise HTTPException(
+            413, f"File {refused.number}: {detail}" if max_files > 1 else detail
+        ) from None
     except MultipartRefused as refused:
         detail = {
             "too_many_files": _too_many_files(max_files),
             "too_many_fields": TOO_MANY_FIELDS,
             "field_too_large": FIELD_TOO_LARGE,
+            "unterminated": UNTERMINATED,
         }.get(refused.kind, MALFORMED)
         raise HTTPException(400, detail) from None
 
@@ -207,7 +260,7 @@ def _parse_k(values: list[Any]) -> int | None:
         raise HTTPException(422, BAD_K)
     text = values[0].strip()
     # ASCII digits only ("²".isdigit() is true), and short, before int() sees it
-    if re.fullmatch(r"[0-9]{1,2}", text) is None or not 1 <= int(text) <= 50:
+    if re.fullmatch(r"[0-9]{1,2}", text) is None or not 1 <= int(text) <= MAX_K:
         raise HTTPException(422, BAD_K)
     return int(text)
 

@@ -14,6 +14,7 @@ COPY api/ api/
 COPY shared/ shared/
 # The worker package is plain Python and importable here; torch, which it needs, is not.
 COPY worker/ worker/
+COPY lookalike/ lookalike/
 RUN pip install --no-cache-dir .
 
 USER 10001:10001

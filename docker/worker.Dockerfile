@@ -36,6 +36,7 @@ COPY pyproject.toml README.md ./
 COPY api/ api/
 COPY shared/ shared/
 COPY worker/ worker/
+COPY lookalike/ lookalike/
 RUN pip install --no-cache-dir ".[worker]"
 
 USER 10001:10001

@@ -62,13 +62,13 @@ def celery_config(settings: Settings) -> dict[str, Any]:
             INDEX_CHUNK_TASK: {"queue": build_queue(settings)},
         },
         # Nothing lost: a message is acknowledged after its job is stored, and a worker that
-        # dies mid-job gives it back.
+        # dies mid-job gives it back. (Every task; no task repeats it.)
         "task_acks_late": True,
         "task_reject_on_worker_lost": True,
         # One message at a time without batching; with it, as many as a batch holds.
         "worker_prefetch_multiplier": settings.worker.batch,
-        "task_time_limit": broker.task_time_limit_s,
-        "task_soft_time_limit": max(1, broker.task_time_limit_s - 5),
+        # No task_time_limit: the solo pool ignores it; worker.watchdog enforces
+        # LOOKALIKE_TASK_TIME_LIMIT instead.
         # Publishing from the API must fail fast (and become a 503) when Redis is down.
         "task_publish_retry": True,
         "task_publish_retry_policy": {

@@ -1,7 +1,24 @@
-"""The small set of exceptions lookalike raises on purpose.
+"""Every exception lookalike raises on purpose, in one place.
 
-Each carries a short sentence that is safe to show a user: the API turns
-:class:`ImageRejected` into a 400, the worker records :class:`JobFailed` in the job.
+Each carries a short sentence that is safe to show a person::
+
+    LookalikeError                 str(error) is a sentence meant for people
+    ├── ConfigError                a setting is missing or makes no sense (names the variable)
+    ├── DatasetNotFound            Fashion-MNIST is nowhere we look (says how to get it)
+    ├── ModelLoadError             the CLIP checkpoint could not be loaded (names LOOKALIKE_MODEL)
+    ├── IndexMismatch              an index on disk is not this model's, gallery's or format's
+    ├── GalleryError               a gallery's images cannot be read (an empty folder...)
+    ├── BuildFailed                a distributed index build cannot finish
+    ├── ImageRejected              an upload is not an image we accept: the API answers 400
+    ├── JobFailed                  a job cannot succeed: the worker stores the sentence in it
+    ├── RequestRefused             the API refuses a request while reading it
+    │   ├── BodyRefused            the body is too large or too slow (413, 408)
+    │   └── MultipartRefused       the multipart body breaks a limit or is malformed (400)
+    │       └── FileTooLarge       one file of it passed the per-file limit (413)
+    ├── QueryFailed                ``lookalike query``: the service refused or failed the query
+    └── BenchError                 ``lookalike bench`` cannot measure
+        ├── BenchAborted           the warm-up could not reach the service
+        └── HttpError              a connection of the load driver failed
 """
 
 from __future__ import annotations
@@ -27,6 +44,14 @@ class IndexMismatch(LookalikeError):
     """An index on disk does not belong to this model, gallery or preprocessing."""
 
 
+class GalleryError(LookalikeError):
+    """A gallery cannot be read (an empty folder, a missing path...)."""
+
+
+class BuildFailed(LookalikeError):
+    """A distributed build cannot finish; the message says why."""
+
+
 class ImageRejected(LookalikeError):
     """An upload is not an image we accept (bad format, truncated, too large...)."""
 
@@ -38,3 +63,48 @@ class JobFailed(LookalikeError):
     def __init__(self, sentence: str, *, reason: str = "rejected") -> None:
         super().__init__(sentence)
         self.reason = reason
+
+
+class RequestRefused(LookalikeError):
+    """The API refuses a request while reading it."""
+
+
+class BodyRefused(RequestRefused):
+    """The body is too large (413) or too slow to arrive (408); raised inside ``receive``."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
+class MultipartRefused(RequestRefused):
+    """A multipart body breaks a limit or is not multipart; ``kind`` says which."""
+
+    def __init__(self, kind: str) -> None:
+        super().__init__(kind)
+        self.kind = kind  # too_many_files | too_many_fields | field_too_large | malformed...
+
+
+class FileTooLarge(MultipartRefused):
+    """File ``number`` (from 1) passed the per-file limit while it was being read (413)."""
+
+    def __init__(self, number: int) -> None:
+        super().__init__("file_too_large")
+        self.number = number
+
+
+class QueryFailed(LookalikeError):
+    """``lookalike query``: the service refused or failed the query; the message says why."""
+
+
+class BenchError(LookalikeError):
+    """``lookalike bench`` cannot measure."""
+
+
+class BenchAborted(BenchError):
+    """The warm-up could not reach the service: timing the rest would measure nothing."""
+
+
+class HttpError(BenchError):
+    """The connection failed or the reply was not HTTP (the service was unreachable)."""

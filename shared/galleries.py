@@ -30,7 +30,7 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from shared.errors import ImageRejected, LookalikeError
+from shared.errors import GalleryError, ImageRejected
 from shared.fashion_mnist import CLASS_NAMES, load_gallery
 from shared.images import decode_upload, to_rgb
 from shared.settings import FASHION_MNIST
@@ -40,10 +40,6 @@ IMAGE_SUFFIXES = frozenset({".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".
 UNLABELLED = "unlabelled"
 THUMB_MAX = 256
 THUMBS = "thumbs"  # thumbs.bin + thumbs.offsets.npy in an index folder
-
-
-class GalleryError(LookalikeError):
-    """A gallery cannot be read (an empty folder, a missing path...)."""
 
 
 @dataclass(frozen=True)

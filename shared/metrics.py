@@ -1,22 +1,32 @@
 """Prometheus metrics shared by every process through one Redis hash.
 
 Each process (API or worker) counts in memory and adds its counts to ``<prefix>:metrics``
-every second (one pipeline of HINCRBY/HINCRBYFLOAT), so a job costs no Redis round trip of
-its own and the API's ``GET /metrics`` reports all workers, wherever they run. Gauges (queue
-length, workers ready) are read when scraped. A process that dies loses at most its last
-second of counts.
+every second (one pipeline of HINCRBYFLOAT), so a job costs no Redis round trip of its own and
+the API's ``GET /metrics`` reports all workers, wherever they run. Gauges (queue length,
+workers ready) are read when scraped. A process that dies loses at most its last second of
+counts. The exposition is prometheus_client's: a custom collector (:class:`StoredMetrics`)
+turns the gathered counts into metric families and ``generate_latest`` writes them.
 """
 
 from __future__ import annotations
 
 import bisect
 import logging
+import re
 import threading
 from collections import defaultdict
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Iterator, Mapping
 from dataclasses import dataclass
 
 import redis
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import (
+    CounterMetricFamily,
+    GaugeMetricFamily,
+    HistogramMetricFamily,
+    Metric,
+)
+from prometheus_client.registry import Collector
 
 log = logging.getLogger(__name__)
 
@@ -141,57 +151,73 @@ def _number(value: float) -> str:
     return str(int(value)) if float(value).is_integer() else repr(float(value))
 
 
+class StoredMetrics(Collector):
+    """The counts gathered in Redis (and gauges read at scrape time) as metric families, for
+    ``prometheus_client`` to render."""
+
+    def __init__(
+        self, stored: Mapping[str, float], gauges: Iterable[tuple[str, str, Labels, float]]
+    ) -> None:
+        self.stored = stored
+        self.gauges = list(gauges)
+
+    def collect(self) -> Iterator[Metric]:
+        for name, definition in DEFINITIONS.items():
+            if definition.kind == "counter":
+                yield self._counter(name, definition)
+            else:
+                yield self._histogram(name, definition)
+        families: dict[str, GaugeMetricFamily] = {}
+        for name, help_text, labels, value in sorted(self.gauges, key=lambda g: g[0]):
+            family = families.setdefault(name, GaugeMetricFamily(name, help_text))
+            family.add_sample(name, dict(labels), value)
+        yield from families.values()
+
+    def _counter(self, name: str, definition: Definition) -> Metric:
+        family = CounterMetricFamily(name, definition.help)
+        for field in sorted(f for f in self.stored if f == name or f.startswith(name + "{")):
+            family.add_sample(name, parse_labels(field[len(name) :]), self.stored[field])
+        return family
+
+    def _histogram(self, name: str, definition: Definition) -> Metric:
+        family = HistogramMetricFamily(name, definition.help)
+        per_labels: dict[str, dict[str, float]] = defaultdict(dict)
+        prefix = f"{name}_bucket"
+        for field, value in self.stored.items():
+            if field.startswith(prefix):
+                label_text, _, le = field[len(prefix) :].rpartition("|")
+                per_labels[label_text][le] = value
+        for label_text in sorted(per_labels):
+            labels = parse_labels(label_text)
+            running = 0.0
+            # le written as ever ("1", not prometheus_client's "1.0"): a label value is a string
+            # to Prometheus, and a changed one would split a histogram's series in two.
+            for le in [*(_number(b) for b in definition.buckets), "+Inf"]:
+                running += per_labels[label_text].get(le, 0.0)
+                family.add_sample(f"{name}_bucket", {**labels, "le": le}, running)
+            total = self.stored.get(f"{name}_sum{label_text}", 0.0)
+            family.add_sample(f"{name}_sum", labels, total)
+            family.add_sample(f"{name}_count", labels, running)
+        return family
+
+
 def render(stored: Mapping[str, float], gauges: Iterable[tuple[str, str, Labels, float]]) -> str:
-    """The Prometheus text format of stored counts plus ``(name, help, labels, value)`` gauges."""
-    lines: list[str] = []
-    for name, definition in DEFINITIONS.items():
-        lines.append(f"# HELP {name} {definition.help}")
-        lines.append(f"# TYPE {name} {definition.kind}")
-        if definition.kind == "counter":
-            for field in sorted(f for f in stored if f == name or f.startswith(name + "{")):
-                lines.append(f"{field} {_number(stored[field])}")
-            continue
-        lines.extend(_histogram_lines(name, definition, stored))
-    for name, help_text, labels, value in _grouped(gauges):
-        if help_text:
-            lines.append(f"# HELP {name} {help_text}")
-            lines.append(f"# TYPE {name} gauge")
-        lines.append(f"{name}{_label_text(labels)} {_number(value)}")
-    return "\n".join(lines) + "\n"
+    """The Prometheus text format (``generate_latest``) of stored counts plus
+    ``(name, help, labels, value)`` gauges."""
+    registry = CollectorRegistry(auto_describe=False)
+    registry.register(StoredMetrics(stored, gauges))
+    return generate_latest(registry).decode()
 
 
-def _grouped(
-    gauges: Iterable[tuple[str, str, Labels, float]],
-) -> list[tuple[str, str, Labels, float]]:
-    """Gauges with HELP/TYPE written once per name (the first sample carries the help)."""
-    seen: set[str] = set()
-    rows = []
-    for name, help_text, labels, value in sorted(gauges, key=lambda g: g[0]):
-        rows.append((name, "" if name in seen else help_text, labels, value))
-        seen.add(name)
-    return rows
+_LABEL = re.compile(r'([a-zA-Z_][a-zA-Z0-9_]*)="((?:[^"\\\n]|\\[\\"n])*)"')
 
 
-def _histogram_lines(name: str, definition: Definition, stored: Mapping[str, float]) -> list[str]:
-    label_sets: dict[str, dict[str, float]] = defaultdict(dict)
-    prefix = f"{name}_bucket"
-    for field, value in stored.items():
-        if field.startswith(prefix):
-            label_text, _, le = field[len(prefix) :].rpartition("|")
-            label_sets[label_text][le] = value
-    lines = []
-    for label_text in sorted(label_sets):
-        per_bucket = label_sets[label_text]
-        inner = label_text[1:-1] if label_text else ""
-        running = 0.0
-        for le in [*(_number(b) for b in definition.buckets), "+Inf"]:
-            running += per_bucket.get(le, 0.0)
-            le_label = f'le="{le}"'
-            joined = f"{inner},{le_label}" if inner else le_label
-            lines.append(f"{name}_bucket{{{joined}}} {_number(running)}")
-        lines.append(f"{name}_sum{label_text} {stored.get(f'{name}_sum{label_text}', 0.0)}")
-        lines.append(f"{name}_count{label_text} {_number(running)}")
-    return lines
+def parse_labels(text: str) -> dict[str, str]:
+    """``{a="1",b="x\\"y"}`` (as :func:`_label_text` writes it) back to a dict."""
+    return {
+        key: re.sub(r"\\(.)", lambda m: "\n" if m[1] == "n" else m[1], value)
+        for key, value in _LABEL.findall(text)
+    }
 
 
 def read_stored(raw: Mapping[bytes | str, bytes | str]) -> dict[str, float]:

@@ -30,6 +30,7 @@ RANDOM_MODEL_PREFIX = "random:"
 DEFAULT_GALLERY_SIZE = 2000
 FASHION_MNIST_SIZE = 70_000
 FASHION_MNIST = "fashion-mnist"
+MAX_K = 50  # the most matches a job may ask for
 # Gallery names travel in URLs, Redis keys and folder names: keep them plain.
 GALLERY_NAME = re.compile(r"[a-z0-9][a-z0-9._-]{0,63}")
 
@@ -145,8 +146,8 @@ class GallerySettings(_Group):
     @field_validator("top_k")
     @classmethod
     def _top_k_range(cls, value: int) -> int:
-        if not 1 <= value <= 50:
-            raise ValueError(f"LOOKALIKE_TOP_K={value} must be between 1 and 50")
+        if not 1 <= value <= MAX_K:
+            raise ValueError(f"LOOKALIKE_TOP_K={value} must be between 1 and {MAX_K}")
         return value
 
 

@@ -1,3 +1,6 @@
+"""Session fixtures: a tiny saved CLIP, Fashion-MNIST-shaped IDX files, a real Redis; the
+service stacks (tests.stacks) come in as a plugin."""
+
 from __future__ import annotations
 
 from collections.abc import Iterator
@@ -6,15 +9,17 @@ from pathlib import Path
 import pytest
 import redis
 
-from shared.redis_server import RedisServer, start_redis
-from tests.stacks import built_index, fault_index, service  # noqa: F401 (shared fixtures)
-from tests.support import save_tiny_clip, write_fake_fashion_mnist
+from lookalike.checkpoint import save_random_clip
+from lookalike.redis_server import RedisServer, start_redis
+from tests.support import write_fake_fashion_mnist
+
+pytest_plugins = ["tests.stacks"]
 
 
 @pytest.fixture(scope="session")
 def tiny_clip_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """A tiny random CLIP, saved with save_pretrained; loaded through from_pretrained."""
-    return save_tiny_clip(tmp_path_factory.mktemp("tiny-clip"))
+    return save_random_clip(tmp_path_factory.mktemp("tiny-clip"), shape="tiny")
 
 
 @pytest.fixture(scope="session")

@@ -7,13 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from tests.support import Stack, base_env
+from lookalike.stack import Stack, stack_env
 
 GALLERY_SIZE = 120
 
 
 def make_stack(workdir: Path, model_dir: Path, data_dir: Path) -> Stack:
-    env = base_env(
+    env = stack_env(
         model_dir=model_dir, data_dir=data_dir, workdir=workdir, gallery_size=GALLERY_SIZE
     )
     return Stack(env=env, workdir=workdir)
@@ -65,7 +65,7 @@ FAST_FAULTS = {
 
 
 def fault_stack(workdir: Path, data_dir: Path, index: Path, **extra: str) -> Stack:
-    env = base_env(
+    env = stack_env(
         model_dir=Path("unused"), data_dir=data_dir, workdir=workdir, gallery_size=FAULT_GALLERY
     )
     env.update(FAST_FAULTS, LOOKALIKE_INDEX_DIR=str(index), **extra)

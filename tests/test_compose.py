@@ -22,7 +22,7 @@ from typing import Any
 import pytest
 import yaml
 
-from shared.cli import build_parser
+from lookalike.cli import build_parser
 from shared.settings import FASHION_MNIST_SIZE, Settings, load_settings
 
 ROOT = Path(__file__).resolve().parent.parent

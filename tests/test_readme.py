@@ -10,7 +10,11 @@ from shared.settings import Settings
 
 ROOT = Path(__file__).resolve().parent.parent
 README = (ROOT / "README.md").read_text()
-SOURCES = [*ROOT.glob("api/*.py"), *ROOT.glob("shared/*.py"), *ROOT.glob("worker/*.py")]
+SOURCES = [
+    path
+    for package in ("api", "shared", "worker", "lookalike")
+    for path in ROOT.glob(f"{package}/**/*.py")
+]
 
 
 def settings_variables() -> set[str]:

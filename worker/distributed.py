@@ -27,7 +27,7 @@ import numpy as np
 import redis
 
 from shared.celery_config import INDEX_CHUNK_TASK, build_queue, make_celery
-from shared.errors import LookalikeError
+from shared.errors import BuildFailed, LookalikeError
 from shared.galleries import (
     FashionMnistSource,
     FolderListing,
@@ -35,6 +35,7 @@ from shared.galleries import (
     GallerySource,
 )
 from shared.jobs import JobStore
+from shared.redis_clients import sync_client
 from shared.settings import FASHION_MNIST, Settings
 from worker.encoder import ClipImageEncoder, index_batch_size, load_encoder
 from worker.index import (
@@ -52,10 +53,6 @@ IN_FLIGHT_PER_WORKER = 2
 RESULT_TTL_S = 3600
 MAX_SENDS = 3
 HEARTBEAT_WINDOW_S = 15.0
-
-
-class BuildFailed(LookalikeError):
-    """A distributed build cannot finish; the message says why."""
 
 
 @dataclass
@@ -305,7 +302,7 @@ def build_index_distributed(
 ) -> Manifest:
     """Build ``source``'s index with the running workers; resumes like a local build."""
     started = time.perf_counter()
-    client = redis.Redis.from_url(settings.broker.redis_url, socket_connect_timeout=3)
+    client = sync_client(settings.broker.redis_url)
     prefix = settings.storage.key_prefix
     try:
         workers = ready_workers(client, prefix)

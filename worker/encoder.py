@@ -36,9 +36,12 @@ from shared.schemas import Embeddings
 from shared.settings import RANDOM_MODEL_PREFIX, ModelSettings
 
 try:  # transformers 5: the PIL implementation needs no torchvision
-    from transformers import CLIPImageProcessorPil as _Processor
+    from transformers import CLIPImageProcessorPil as _PilProcessor
 except ImportError:  # pragma: no cover - transformers 4
-    from transformers import CLIPImageProcessor as _Processor
+    from transformers import CLIPImageProcessor as _PilProcessor
+
+ImageProcessor: Any = _PilProcessor
+"""CLIP's own image processor (its PIL implementation): the reference preprocessing."""
 
 log = logging.getLogger(__name__)
 
@@ -150,8 +153,8 @@ class ClipImageEncoder:
 
 def _load_processor(name: str) -> Any:
     if name.startswith(RANDOM_MODEL_PREFIX):
-        return _Processor()  # its defaults are OpenAI CLIP's preprocessing
-    return _Processor.from_pretrained(name)
+        return ImageProcessor()  # its defaults are OpenAI CLIP's preprocessing
+    return ImageProcessor.from_pretrained(name)
 
 
 def _load_model(name: str) -> torch.nn.Module:

@@ -19,6 +19,7 @@ from shared.celery_config import (
 from shared.errors import LookalikeError
 from shared.schemas import JobKind
 from shared.settings import Settings
+from worker.watchdog import Watchdog
 
 log = logging.getLogger("lookalike.worker")
 
@@ -85,7 +86,7 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO") -> int:
         if celery_app.store().fail(job_id, sentence):
             metrics.inc("lookalike_jobs_finished_total", {"status": "failed", "reason": "timeout"})
 
-    celery_app.watchdog = celery_app.Watchdog(settings.broker.task_time_limit_s, fail=time_out)
+    celery_app.watchdog = Watchdog(settings.broker.task_time_limit_s, fail=time_out)
     stop_reconciler = start_reconciler(settings, name=name)
     try:
         worker = celery_app.app.Worker(

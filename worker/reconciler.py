@@ -19,6 +19,8 @@ from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 
 import redis
+from redis.exceptions import LockError
+from redis.lock import Lock
 
 from shared.jobs import JobStore, as_text
 from shared.schemas import JobKind, JobStatus
@@ -74,18 +76,22 @@ class Reconciler:
         self.time_limit_s = time_limit_s
         self.name = name
         self.live_window_s = live_window_s
+        self._lock: Lock | None = None
 
     def lead(self, ttl_s: float) -> bool:
-        """Take or keep the reconciler lock; only its holder acts."""
-        lock = self.keys.reconciler_lock
-        ttl_ms = int(ttl_s * 1000)
-        if self.client.set(lock, self.name, nx=True, px=ttl_ms):
-            return True
-        holder = self.client.get(lock)
-        if holder is not None and as_text(holder) == self.name:
-            self.client.pexpire(lock, ttl_ms)
-            return True
-        return False
+        """Take or keep the reconciler lock (redis-py's Lock: atomic, token-checked); only
+        its holder acts. A leader that stops renewing loses it after ``ttl_s``."""
+        if self._lock is None or self._lock.timeout != ttl_s:
+            self._lock = Lock(
+                self.client, self.keys.reconciler_lock, timeout=ttl_s, thread_local=False
+            )
+        lock = self._lock
+        if lock.local.token is not None:  # it was ours: renew it, if it still is
+            try:
+                return bool(lock.reacquire())
+            except LockError:  # expired (and maybe taken by another worker) meanwhile
+                lock.local.token = None
+        return bool(lock.acquire(blocking=False))
 
     def in_flight(self) -> set[str]:
         """Job ids whose message is waiting in a queue or held, unacknowledged, by a worker."""

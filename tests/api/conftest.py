@@ -10,9 +10,9 @@ import pytest
 from fastapi.testclient import TestClient
 
 from api.app import create_app
-from shared.redis_server import RedisServer
+from lookalike.redis_server import RedisServer
+from lookalike.stack import Stack
 from shared.settings import ApiSettings, BrokerSettings, Settings
-from tests.support import Stack
 
 MakeClient = Callable[..., TestClient]
 

@@ -12,7 +12,7 @@ import redis
 from fastapi.testclient import TestClient
 from PIL import Image
 
-from api.security import KEY_REQUIRED
+from api.deps import KEY_REQUIRED
 from shared.errors import ConfigError
 from shared.settings import ApiSettings, BrokerSettings, Settings, load_settings
 

@@ -24,21 +24,22 @@ import pytest
 import redis
 from PIL import Image
 
+from api.deps import JOB_NOT_FOUND
 from api.limits import TOO_LARGE, TOO_SLOW, human_size
-from api.routes import JOB_NOT_FOUND
 from api.uploads import BAD_K, BAD_WAIT, MALFORMED, NO_FILE, ONE_FILE, TOO_MANY_FIELDS
+from lookalike.stack import Stack
 from shared.images import CORRUPT, EMPTY, NOT_AN_IMAGE, TOO_MANY_PIXELS
 from shared.jobs import Keys
 from shared.settings import StorageSettings
 from tests.stacks import make_stack
-from tests.support import Stack, gallery_png, wait_job
+from tests.support import gallery_png, wait_job
 
 pytestmark = pytest.mark.e2e
 
 PROBE_INDEX = 42
 BOUNDARY = "lookalike-test-boundary"
 MULTIPART = f"multipart/form-data; boundary={BOUNDARY}"
-# The service runs with default settings (tests.support.base_env drops LOOKALIKE_* variables).
+# The service runs with default settings (tests.support.stack_env drops LOOKALIKE_* variables).
 MAX_UPLOAD: int = StorageSettings.model_fields["max_upload_bytes"].default
 KEYS = Keys(StorageSettings.model_fields["key_prefix"].default)
 TOO_LARGE_DETAIL = TOO_LARGE.format(limit=human_size(MAX_UPLOAD))

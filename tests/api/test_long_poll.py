@@ -21,7 +21,7 @@ def test_long_poll_wakes_for_a_job_that_ends_while_it_is_being_read(
     sync_store = JobStore(redis_client, prefix="lookalike", ttl_s=600)
     job_id = "c" * 32
     sync_store.create(job_id, upload=b"never enqueued", k=5)
-    store = client.app.state.store  # type: ignore[attr-defined]
+    store = client.app.state.lookalike.store  # type: ignore[attr-defined]
     read = store.get
     reads = 0
 

@@ -11,7 +11,7 @@ import pytest
 import redis
 from fastapi.testclient import TestClient
 
-from api.routes import STORE_DOWN
+from api.deps import STORE_DOWN
 from api.uploads import BAD_JSON, BAD_TEXT, MAX_TEXT_CHARS
 from tests.api.conftest import MakeClient
 

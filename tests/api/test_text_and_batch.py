@@ -31,17 +31,18 @@ from api.uploads import (
     MAX_TEXT_CHARS,
     NO_FILE,
 )
+from lookalike.stack import Stack
 from shared.fashion_mnist import CLASS_NAMES
 from shared.images import CORRUPT, EMPTY, NOT_AN_IMAGE
 from shared.jobs import Keys
 from shared.settings import FASHION_MNIST, ApiSettings, BrokerSettings, StorageSettings
 from tests.api.conftest import MakeClient
 from tests.stacks import GALLERY_SIZE, make_stack
-from tests.support import Stack, gallery_png, wait_job
+from tests.support import gallery_png, wait_job
 
 pytestmark = pytest.mark.e2e
 
-# The service runs with default settings (tests.support.base_env drops LOOKALIKE_* variables).
+# The service runs with default settings (tests.support.stack_env drops LOOKALIKE_* variables).
 MAX_UPLOAD: int = StorageSettings.model_fields["max_upload_bytes"].default
 MAX_BATCH: int = ApiSettings.model_fields["max_batch_files"].default
 QUEUE: str = BrokerSettings.model_fields["queue"].default

@@ -15,7 +15,8 @@ from typing import Any
 import httpx
 import pytest
 
-from tests.support import ROOT, Stack, gallery_png
+from lookalike.stack import ROOT, Stack
+from tests.support import gallery_png
 
 pytestmark = pytest.mark.e2e
 

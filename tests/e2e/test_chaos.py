@@ -23,10 +23,11 @@ import httpx
 import pytest
 import redis
 
+from lookalike.redis_server import start_redis
+from lookalike.stack import Stack
 from shared.jobs import JobStore
-from shared.redis_server import start_redis
 from tests.stacks import FAULT_GALLERY, fault_stack
-from tests.support import Stack, gallery_png
+from tests.support import gallery_png
 
 pytestmark = pytest.mark.e2e
 

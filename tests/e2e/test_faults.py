@@ -15,10 +15,11 @@ import pytest
 import redis
 from celery import Celery
 
+from lookalike.stack import Stack
 from shared.celery_config import SEARCH_TASK
 from shared.jobs import JobStore
 from tests.stacks import fault_stack
-from tests.support import Stack, gallery_png, wait_job
+from tests.support import gallery_png, wait_job
 from worker.search import TOO_MANY_ATTEMPTS
 
 pytestmark = pytest.mark.e2e
@@ -94,7 +95,7 @@ def test_redis_restart_keeps_queued_jobs_and_the_api_answers_503_meanwhile(
             down_get = client.get(f"/jobs/{ids[0]}")
             down_ready = client.get("/readyz")
         finally:
-            from shared.redis_server import start_redis
+            from lookalike.redis_server import start_redis
 
             stack.redis = start_redis(directory, port=port)
         assert down_post.status_code == 503

@@ -17,16 +17,18 @@ import pytest
 import redis
 from PIL import Image
 
-from api.pictures import BAD_SIZE, NO_GALLERY_IMAGES, NO_SUCH_IMAGE, NOT_DONE
-from api.routes import JOB_NOT_FOUND
+from api.deps import JOB_NOT_FOUND
+from api.pictures import BAD_SIZE, NOT_DONE
+from api.thumbnails import NO_GALLERY_IMAGES, NO_SUCH_IMAGE
 from api.uploads import BAD_TEXT, FILE_OR_TEXT, MAX_TEXT_CHARS
+from lookalike.stack import Stack
 from shared.celery_config import INDEX_CHUNK_TASK
 from shared.fashion_mnist import CLASS_NAMES, load_gallery
 from shared.jobs import JobStore, new_job_id
 from shared.schemas import JobStage
 from shared.settings import FASHION_MNIST
 from tests.stacks import GALLERY_SIZE, make_stack
-from tests.support import Stack, gallery_png, wait_job
+from tests.support import gallery_png, wait_job
 from worker.index import CHUNK, index_dir, plan_chunks
 
 pytestmark = pytest.mark.e2e

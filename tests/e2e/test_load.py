@@ -13,7 +13,7 @@ import httpx
 import pytest
 
 from api.routes import QUEUE_FULL
-from shared.bench import make_payloads, run_bench, summarise
+from lookalike.bench.service import make_payloads, run_bench, summarise
 from tests.stacks import fault_stack
 from tests.support import gallery_png
 

@@ -19,12 +19,13 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from api.pictures import NO_SUCH_IMAGE
+from api.thumbnails import NO_SUCH_IMAGE
+from lookalike.stack import Stack
 from shared.galleries import UNLABELLED
 from shared.images import CORRUPT, NOT_AN_IMAGE
 from shared.settings import FASHION_MNIST
 from tests.stacks import GALLERY_SIZE, make_stack
-from tests.support import Stack, gallery_png, wait_job
+from tests.support import gallery_png, wait_job
 from worker.index import index_dir
 
 pytestmark = pytest.mark.e2e

@@ -12,11 +12,12 @@ import pytest
 import redis
 from celery import Celery
 
+from lookalike.stack import ROOT, Stack
 from shared.celery_config import SEARCH_TASK
 from shared.fashion_mnist import CLASS_NAMES, load_gallery
 from shared.jobs import JobStore
 from tests.stacks import GALLERY_SIZE, make_stack, started_stack
-from tests.support import ROOT, Stack, gallery_png, wait_job
+from tests.support import gallery_png, wait_job
 from worker.search import UPLOAD_GONE
 
 pytestmark = pytest.mark.e2e
@@ -240,60 +241,3 @@ def test_api_never_imports_torch() -> None:
     )
     done = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
-
-
-def test_serve_starts_everything_and_answers_a_query(
-    tmp_path: Path, tiny_clip_dir: Path, fake_data_dir: Path
-) -> None:
-    """The README's first command: Redis, index build, worker and API from one command."""
-    from shared.redis_server import free_port
-    from tests.support import base_env
-
-    env = base_env(
-        model_dir=tiny_clip_dir, data_dir=fake_data_dir, workdir=tmp_path, gallery_size=60
-    )
-    port = free_port()
-    log = (tmp_path / "serve.log").open("wb")
-    serve = subprocess.Popen(
-        [sys.executable, "-m", "shared.cli", "serve", "--port", str(port)],
-        env=env,
-        cwd=ROOT,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-    )
-    try:
-        image = tmp_path / "query.png"
-        image.write_bytes(gallery_png(fake_data_dir, 11))
-        deadline = time.monotonic() + 180
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(f"http://127.0.0.1:{port}/readyz", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            assert serve.poll() is None, (tmp_path / "serve.log").read_text()
-            time.sleep(0.3)
-        done = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "shared.cli",
-                "query",
-                str(image),
-                "--url",
-                f"http://127.0.0.1:{port}",
-            ],
-            env=env,
-            cwd=ROOT,
-            capture_output=True,
-            text=True,
-            timeout=120,
-        )
-    finally:
-        serve.terminate()
-        serve.wait(timeout=60)
-    assert done.returncode == 0, done.stderr + (tmp_path / "serve.log").read_text()
-    first_row = done.stdout.splitlines()[1].split()
-    assert first_row[:2] == ["1", "11"]
-    assert "indexing" in (tmp_path / "serve.log").read_text()  # the progress bar was shown
-    assert serve.returncode == 0

@@ -12,6 +12,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
+from shared.errors import GalleryError
 from shared.fashion_mnist import CLASS_NAMES, load_gallery
 from shared.galleries import (
     FOLDER,
@@ -20,7 +21,6 @@ from shared.galleries import (
     FashionMnistSource,
     FolderListing,
     FolderSource,
-    GalleryError,
     ThumbnailPack,
     encode_thumbnail,
     find_gallery_dirs,

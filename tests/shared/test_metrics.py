@@ -4,14 +4,15 @@ from __future__ import annotations
 
 import math
 import re
+from pathlib import Path
 
 import pytest
 import redis
 from redis.backoff import NoBackoff
 from redis.retry import Retry
 
+from lookalike.redis_server import free_port
 from shared.metrics import DEFINITIONS, LATENCY_BUCKETS, Metrics, read_stored, render
-from shared.redis_server import free_port
 
 PREFIX = "lookalike-test"
 KEY = f"{PREFIX}:metrics"
@@ -48,7 +49,7 @@ def parse(text: str) -> tuple[dict[Sample, float], dict[str, str], list[str]]:
             continue
         match = _SAMPLE.fullmatch(line)
         assert match, f"not a Prometheus sample line: {line!r}"
-        labels = tuple(_PAIR.findall(match["labels"] or ""))
+        labels = tuple(sorted(_PAIR.findall(match["labels"] or "")))  # order means nothing
         value = float(match["value"])  # a number, +Inf or NaN; anything else raises
         family = re.sub(r"_(bucket|sum|count)$", "", match["name"])
         assert match["name"] in types or family in types, f"sample before its TYPE: {line}"
@@ -208,9 +209,9 @@ def test_render_histogram_keeps_label_sets_apart(
     assert samples[(f"{STAGE}_count", (("stage", "decode"),))] == 1
     assert samples[(f"{STAGE}_count", (("stage", "embed"),))] == 2
     assert samples[(f"{STAGE}_sum", (("stage", "embed"),))] == pytest.approx(0.05)
-    assert samples[(f"{STAGE}_bucket", (("stage", "embed"), ("le", "0.025")))] == 1
-    assert samples[(f"{STAGE}_bucket", (("stage", "embed"), ("le", "+Inf")))] == 2
-    assert samples[(f"{STAGE}_bucket", (("stage", "decode"), ("le", "0.0025")))] == 1
+    assert samples[(f"{STAGE}_bucket", (("le", "0.025"), ("stage", "embed")))] == 1
+    assert samples[(f"{STAGE}_bucket", (("le", "+Inf"), ("stage", "embed")))] == 2
+    assert samples[(f"{STAGE}_bucket", (("le", "0.0025"), ("stage", "decode")))] == 1
 
 
 def test_render_counters_with_sorted_labels(metrics: Metrics, redis_client: redis.Redis) -> None:
@@ -222,7 +223,7 @@ def test_render_counters_with_sorted_labels(metrics: Metrics, redis_client: redi
     text = render(stored(redis_client), [])
     samples, _, _ = parse(text)
 
-    assert 'lookalike_jobs_finished_total{reason="",status="succeeded"} 4\n' in text
+    assert 'lookalike_jobs_finished_total{reason="",status="succeeded"} 4.0\n' in text
     assert samples[(FINISHED, (("reason", "text_off"), ("status", "failed")))] == 1
     assert samples[("lookalike_requests_refused_total", (("status", "429"),))] == 1
 
@@ -256,7 +257,7 @@ def test_render_histogram_with_a_pipe_in_a_label_value(
 
     samples, _, _ = rendered(redis_client)
 
-    assert samples[(f"{STAGE}_bucket", (("stage", "a|b"), ("le", "+Inf")))] == 1
+    assert samples[(f"{STAGE}_bucket", (("le", "+Inf"), ("stage", "a|b")))] == 1
 
 
 def test_render_gauges_have_help_and_type_once_per_name(redis_client: redis.Redis) -> None:
@@ -291,3 +292,60 @@ def test_read_stored_skips_values_that_are_not_numbers() -> None:
     }
 
     assert read_stored(raw) == {"lookalike_jobs_submitted_total": 3.0, "x_sum": 0.25}
+
+
+BEFORE = Path(__file__).with_name("metrics_before.prom")
+
+
+def test_render_keeps_every_name_label_and_value_of_the_hand_written_exposition() -> None:
+    """metrics_before.prom is what the hand-written renderer wrote for these counts (kept from
+    before prometheus_client took over): every sample, with its labels and value, is still
+    there, and every family keeps its type and help."""
+    text = BEFORE.read_text()
+    stored = {
+        'lookalike_jobs_submitted_total{kind="image"}': 7.0,
+        'lookalike_jobs_submitted_total{kind="text"}': 2.0,
+        'lookalike_requests_refused_total{status="413"}': 1.0,
+        'lookalike_requests_refused_total{status="429"}': 3.0,
+        'lookalike_jobs_finished_total{reason="",status="succeeded"}': 8.0,
+        'lookalike_jobs_finished_total{reason="bad_image",status="failed"}': 1.0,
+        "lookalike_jobs_duplicate_total": 1.0,
+        "lookalike_job_latency_seconds_bucket|0.025": 5.0,
+        "lookalike_job_latency_seconds_bucket|+Inf": 1.0,
+        "lookalike_job_latency_seconds_sum": 0.5,
+        "lookalike_job_latency_seconds_count": 6.0,
+        "lookalike_job_queue_wait_seconds_bucket|0.005": 6.0,
+        "lookalike_job_queue_wait_seconds_sum": 0.01,
+        "lookalike_job_queue_wait_seconds_count": 6.0,
+        'lookalike_job_stage_seconds_bucket{stage="embed"}|0.01': 6.0,
+        'lookalike_job_stage_seconds_sum{stage="embed"}': 0.03,
+        'lookalike_job_stage_seconds_count{stage="embed"}': 6.0,
+        'lookalike_job_stage_seconds_bucket{stage="decode"}|0.001': 6.0,
+        'lookalike_job_stage_seconds_sum{stage="decode"}': 0.003,
+        'lookalike_job_stage_seconds_count{stage="decode"}': 6.0,
+        "lookalike_batch_size_bucket|4": 2.0,
+        "lookalike_batch_size_sum": 7.0,
+        "lookalike_batch_size_count": 2.0,
+    }
+    gauges = [
+        ("lookalike_queue_length", "Jobs waiting in a broker queue.", {"queue": "lookalike"}, 3.0),
+        (
+            "lookalike_queue_length",
+            "Jobs waiting in a broker queue.",
+            {"queue": "lookalike.text"},
+            0.0,
+        ),
+        ("lookalike_jobs_unfinished", "Jobs accepted and not yet ended.", {}, 4.0),
+        (
+            "lookalike_workers",
+            "Workers with a recent heartbeat, by state.",
+            {"state": "ready"},
+            1.0,
+        ),
+    ]
+    before, before_types, before_helps = parse(text)
+    now, now_types, now_helps = parse(render(stored, gauges))
+
+    assert {key: now.get(key) for key in before} == before
+    assert {name: now_types.get(name) for name in before_types} == before_types
+    assert set(before_helps) <= set(now_helps)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import redis
 
+from shared.errors import BuildFailed
 from shared.galleries import FashionMnistSource
 from shared.settings import ModelSettings
 from worker.distributed import (
     IN_FLIGHT_PER_WORKER,
-    BuildFailed,
     _Chunk,
     _Keys,
     _overdue,

@@ -16,11 +16,11 @@ import torch
 
 import shared.fashion_mnist as fashion_mnist
 import worker.evaluate as evaluate
-from shared.cli import main
+from lookalike.cli import main
+from lookalike.stack import ROOT, stack_env
 from shared.errors import IndexMismatch, LookalikeError
 from shared.fashion_mnist import CLASS_NAMES, Gallery
 from shared.settings import GallerySettings, ModelSettings, Settings
-from tests.support import ROOT, base_env
 from worker.encoder import ClipImageEncoder, load_encoder
 from worker.evaluate import (
     format_eval_report,
@@ -131,13 +131,13 @@ def test_pixel_baseline_ranks_by_cosine_not_brightness() -> None:
 def test_eval_cli_prints_the_table_and_writes_json(
     tiny_clip_dir: Path, fake_data_dir: Path, tmp_path: Path
 ) -> None:
-    env = base_env(
+    env = stack_env(
         model_dir=tiny_clip_dir, data_dir=fake_data_dir, workdir=tmp_path, gallery_size=240
     )
     path = tmp_path / "eval.json"
     argv = ["--queries", str(QUERIES), "--gallery-size", str(GALLERY_SIZE), "--k", "3"]
     done = subprocess.run(
-        [sys.executable, "-m", "shared.cli", "eval", *argv, "--json", str(path), "--no-progress"],
+        [sys.executable, "-m", "lookalike", "eval", *argv, "--json", str(path), "--no-progress"],
         env=env,
         cwd=ROOT,
         capture_output=True,

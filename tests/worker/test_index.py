@@ -11,9 +11,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from transformers import CLIPConfig, CLIPModel
 
 import worker.index as index_module
+from lookalike.checkpoint import save_random_clip
 from shared.errors import IndexMismatch
 from shared.fashion_mnist import CLASS_NAMES, Gallery, load_gallery
 from shared.galleries import THUMBS, FashionMnistSource, FolderSource, ThumbnailPack, scan_folder
@@ -80,13 +80,7 @@ def index_copy(built: tuple[Path, Manifest], tmp_path: Path) -> Path:
 @pytest.fixture(scope="module")
 def other_weights_dir(tiny_clip_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     """The tiny CLIP's shape and preprocessing, initialised from another seed."""
-    directory = tmp_path_factory.mktemp("tiny-clip-b")
-    config = CLIPConfig.from_pretrained(tiny_clip_dir)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(1)
-        CLIPModel(config).save_pretrained(directory)
-    shutil.copy(tiny_clip_dir / "preprocessor_config.json", directory)
-    return directory
+    return save_random_clip(tmp_path_factory.mktemp("tiny-clip-b"), shape="tiny", seed=1)
 
 
 # --- top_k --------------------------------------------------------------------------------------

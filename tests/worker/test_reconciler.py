@@ -223,3 +223,12 @@ def test_an_unreadable_record_does_not_stop_the_sweep(redis_client: redis.Redis)
     reconciler.run_once()
 
     assert sent == ["2" * 32]  # the lost job behind it is still re-enqueued
+
+
+def test_a_leader_that_stopped_renewing_loses_the_lead(redis_client: redis.Redis) -> None:
+    _, first, _ = make(redis_client, name="w1")
+    _, second, _ = make(redis_client, name="w2")
+    assert first.lead(ttl_s=0.2)
+    time.sleep(0.3)
+    assert second.lead(ttl_s=5)
+    assert not first.lead(ttl_s=5)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import time
 
-from worker.celery_app import TIMED_OUT, Watchdog
+from worker.watchdog import TIMED_OUT, Watchdog
 
 
 def make(limit_s: float) -> tuple[Watchdog, list[tuple[str, str]], list[int]]:

@@ -257,7 +257,11 @@ def measure_startup(settings: Settings) -> dict[str, Any]:
         "model": settings.model.model_dump(mode="json"),
         "gallery": settings.gallery.model_dump(mode="json"),
     }
-    command = [sys.executable, "-c", "from worker.bench import startup_probe; startup_probe()"]
+    command = [
+        sys.executable,
+        "-c",
+        "from lookalike.bench.model import startup_probe; startup_probe()",
+    ]
     started = time.perf_counter()
     done = subprocess.run(
         command,

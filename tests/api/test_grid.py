@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from shared.grid import (
+from api.grid import (
     CAPTION,
     PAD,
     PER_ROW,

@@ -22,8 +22,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from shared.bench import (
-    BenchAborted,
+from lookalike.bench.http_lite import multipart
+from lookalike.bench.service import (
     Outcome,
     count_statuses,
     exit_code,
@@ -34,8 +34,8 @@ from shared.bench import (
     run_bench,
     summarise,
 )
-from shared.http_lite import multipart
-from shared.redis_server import free_port
+from lookalike.redis_server import free_port
+from shared.errors import BenchAborted
 
 TIMINGS = {"queue_wait_ms": 2.0, "decode_ms": 0.5, "embed_ms": 30.0, "search_ms": 0.2}
 
@@ -176,7 +176,7 @@ def test_payloads_are_a_png_and_two_jpeg_photos_per_image() -> None:
 def test_the_http_driver_does_not_import_torch() -> None:
     import subprocess
 
-    code = "import shared.bench, sys; print('torch' in sys.modules)"
+    code = "import lookalike.bench.service, sys; print('torch' in sys.modules)"
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert done.stdout.strip() == "False", done.stderr
 

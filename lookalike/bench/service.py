@@ -5,7 +5,7 @@ into a 640x480 or 1600x1200 JPEG, like a phone photo), then waits for the job's 
 long poll (``GET /jobs/<id>?wait=30``). End-to-end latency runs from the first byte of the
 first submission to the answer that carries the job's end, so the wait after a 429 counts.
 
-Light on purpose (Pillow, numpy and shared.http_lite, a lean HTTP client): no torch, and
+Light on purpose (Pillow, numpy and lookalike.bench.http_lite, a lean HTTP client): no torch, and
 little CPU per request, so it can run next to the service it measures.
 """
 
@@ -27,9 +27,9 @@ import numpy as np
 import numpy.typing as npt
 from PIL import Image
 
-from shared.errors import LookalikeError
+from lookalike.bench.http_lite import HttpClient, Reply, multipart
+from shared.errors import BenchAborted, HttpError
 from shared.fashion_mnist import load_gallery
-from shared.http_lite import HttpClient, HttpError, Reply, multipart
 
 POLL_WAIT_S = 30.0
 REQUEST_TIMEOUT_S = POLL_WAIT_S + 30.0  # a long poll holds its connection up to POLL_WAIT_S
@@ -38,10 +38,6 @@ TIMING_KEYS = ("queue_wait_ms", "decode_ms", "embed_ms", "search_ms", "total_ms"
 PHOTO_SIZES = ((640, 480), (1600, 1200))
 DEFAULT_RETRY_AFTER_S = 1.0
 POLL_RETRY_S = 0.5
-
-
-class BenchAborted(LookalikeError):
-    """The warm-up could not reach the service: timing the rest would measure nothing."""
 
 
 @dataclass(frozen=True)
@@ -123,15 +119,8 @@ def make_payloads(data_dir: Path | None, *, count: int = 8) -> list[Payload]:
 
 
 def percentile(values: Sequence[float], q: float) -> float | None:
-    """The ``q``-th percentile (0..100) with linear interpolation, as numpy's default; None
-    for no values."""
-    if not values:
-        return None
-    ordered = sorted(values)
-    rank = (len(ordered) - 1) * q / 100.0
-    low = int(rank)
-    high = min(low + 1, len(ordered) - 1)
-    return ordered[low] + (ordered[high] - ordered[low]) * (rank - low)
+    """The ``q``-th percentile (0..100), numpy's linear interpolation; None for no values."""
+    return float(np.percentile(values, q)) if len(values) else None
 
 
 def status_class(code: int) -> str:

@@ -18,9 +18,7 @@ from dataclasses import dataclass
 from typing import Any
 from urllib.parse import urlsplit
 
-
-class HttpError(Exception):
-    """The connection failed or the reply was not HTTP (the service was unreachable)."""
+from shared.errors import HttpError
 
 
 @dataclass(frozen=True)

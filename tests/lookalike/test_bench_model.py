@@ -9,11 +9,11 @@ from typing import Any
 import numpy as np
 import pytest
 
-from shared.cli import main
+from lookalike.bench.model import format_model_report, run_model_bench, synthetic_rows
+from lookalike.cli import main
 from shared.fashion_mnist import load_gallery
 from shared.galleries import FashionMnistSource
 from shared.settings import GallerySettings, ModelSettings, Settings
-from worker.bench import format_model_report, run_model_bench, synthetic_rows
 from worker.encoder import load_encoder
 from worker.index import build_index, index_dir
 

@@ -1,0 +1,70 @@
+"""Gallery images as the API host finds them: the thumbnail pack of each index folder.
+
+Packs are found under ``LOOKALIKE_INDEX_DIR`` (the same volume as the workers', mounted
+read-only in docker-compose.yml), opened once per API process and reopened when a gallery is
+rebuilt or its workers advertise another index folder. No torch, no model.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import threading
+import time
+
+from fastapi import HTTPException
+from PIL import Image
+
+from shared.galleries import THUMBS, ThumbnailPack, find_gallery_dirs, pack_stamp
+
+NO_GALLERY_IMAGES = "The images of gallery {name!r} are not available on this API host."
+NO_SUCH_IMAGE = "Gallery {name!r} has no image {index}."
+MISSING_CACHE_S = 5.0
+
+
+class GalleryImages:
+    """Thumbnail packs by gallery name, opened once per API process and reopened when the
+    gallery is rebuilt (or its workers now advertise another index folder)."""
+
+    def __init__(self, root: pathlib.Path) -> None:
+        self.root = root
+        self._packs: dict[str, ThumbnailPack] = {}
+        self._missing: dict[str, float] = {}  # not found, and when: asked again only later
+        self._lock = threading.Lock()
+
+    def pack(self, name: str, *, advertised_dir: str | None = None) -> ThumbnailPack:
+        with self._lock:
+            cached = self._packs.get(name)
+            missing_since = self._missing.get(name)
+        if cached is not None and self._current(cached, advertised_dir):
+            return cached
+        if missing_since is not None and time.monotonic() - missing_since < MISSING_CACHE_S:
+            raise HTTPException(404, NO_GALLERY_IMAGES.format(name=name))
+        # Looked for outside the lock: a scan of the index folder must not hold up the rest.
+        candidates = [self.root / advertised_dir] if advertised_dir else []
+        candidates += list(find_gallery_dirs(self.root, name))
+        for directory in candidates:
+            if ThumbnailPack.exists(directory / THUMBS):
+                pack = ThumbnailPack(directory / THUMBS)
+                with self._lock:
+                    self._packs[name] = pack
+                    self._missing.pop(name, None)
+                return pack
+        with self._lock:
+            self._packs.pop(name, None)
+            self._missing[name] = time.monotonic()
+        raise HTTPException(404, NO_GALLERY_IMAGES.format(name=name))
+
+    def _current(self, pack: ThumbnailPack, advertised_dir: str | None) -> bool:
+        stem = pack.path.with_suffix("")
+        if advertised_dir and stem.parent != self.root / advertised_dir:
+            return False
+        try:
+            return pack_stamp(stem) == pack.stamp
+        except OSError:  # removed
+            return False
+
+    def image(self, name: str, index: int, *, advertised_dir: str | None = None) -> Image.Image:
+        pack = self.pack(name, advertised_dir=advertised_dir)
+        if not 0 <= index < len(pack):
+            raise HTTPException(404, NO_SUCH_IMAGE.format(name=name, index=index))
+        return pack.image(index)
