@@ -20,6 +20,7 @@ from fastapi.responses import JSONResponse
 from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from api import openapi
 from api.deps import STORE_DOWN, AppState
 from api.enqueue import Enqueuer
 from api.events import SHUTDOWN_S, JobEvents
@@ -52,7 +53,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         store = AsyncJobStore(
             client, prefix=settings.storage.key_prefix, ttl_s=settings.storage.job_ttl_s
         )
-        events = JobEvents(client, store.keys)
+        events = JobEvents(store)
         events.start()
         metrics = Metrics(
             sync_client(settings.broker.redis_url, max_connections=2, socket_timeout=5),
@@ -101,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.add_exception_handler(StarletteHTTPException, _counted_refusal)
     # Down, timed out, read-only after a failover, out of memory: for clients, unavailable.
     app.add_exception_handler(RedisError, _store_down)
+    openapi.install(app)
     return app
 
 

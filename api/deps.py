@@ -75,12 +75,18 @@ def get_gallery_images(state: State) -> GalleryImages:
     return state.gallery_images
 
 
+def get_decode_slots(state: State) -> asyncio.Semaphore:
+    """Images decoded or drawn at once by this process (uploads, pictures): bounds memory."""
+    return state.decode_slots
+
+
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 StoreDep = Annotated[AsyncJobStore, Depends(get_store)]
 EventsDep = Annotated[JobEvents, Depends(get_events)]
 FleetDep = Annotated[Fleet, Depends(get_fleet)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 GalleryImagesDep = Annotated[GalleryImages, Depends(get_gallery_images)]
+DecodeSlots = Annotated[asyncio.Semaphore, Depends(get_decode_slots)]
 
 
 # --- the caller ----------------------------------------------------------------------------

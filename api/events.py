@@ -1,11 +1,16 @@
-"""Job events, pushed by the workers through Redis pub/sub: one subscription per API process,
-many waiters (long polls and Server-Sent Events streams).
+"""Job events, pushed by the workers through Redis pub/sub, shared by every waiter of a job.
 
 Workers publish on ``<prefix>:events:<id>`` when a job starts, changes stage or ends. This hub
-listens with one pattern subscription and wakes the requests watching that job. Whenever the
-subscription is (re)established, every waiter is woken once, so nothing published while Redis
-was away is missed; waiters also re-read the job after ``RECHECK_S`` without news, a safety net
-for a connection that died silently.
+listens with one pattern subscription per API process. Everyone waiting on one job (long polls,
+Server-Sent Events streams: a thousand clients on one job is fine) shares one :class:`Watch`:
+when the job changes, the hub reads it from Redis **once** and hands the same snapshot (and its
+JSON, serialised once) to all of them. So the Redis work of a change does not grow with the
+number of waiters, and no burst of reads follows the end of a popular job.
+
+Nothing is missed: a new watch reads its job once after it starts listening (a change between a
+request's own read and its watch is caught); whenever the subscription is (re)established every
+watched job is read again; and every ``RECHECK_S`` each watched job is read once more, a safety
+net for a connection that died silently.
 """
 
 from __future__ import annotations
@@ -14,14 +19,12 @@ import asyncio
 import contextlib
 import logging
 import time
-from collections import defaultdict
 from collections.abc import Iterator
 from typing import Any
 
-import redis.asyncio as aioredis
+from redis.exceptions import RedisError
 
-from shared.jobs import Keys
-from shared.schemas import JobStatus
+from shared.jobs import AsyncJobStore, JobRecord
 
 log = logging.getLogger(__name__)
 
@@ -29,67 +32,159 @@ RECHECK_S = 5.0
 SHUTDOWN_S = 2.0
 PING_AFTER_S = 10.0
 PING_TIMEOUT_S = 5.0
-FINAL = frozenset({JobStatus.SUCCEEDED.value, JobStatus.FAILED.value})
+
+
+class Watch:
+    """One job as its waiters see it: the latest snapshot, and an event per waiter."""
+
+    def __init__(self, job_id: str) -> None:
+        self.job_id = job_id
+        self.job: JobRecord | None = None
+        self.version = 0
+        self.gone = False  # the job expired or was removed
+        self.unreadable = False  # the last read failed: Redis is unavailable
+        self._payload: str | None = None
+        self._waiters: set[asyncio.Event] = set()
+        self.reading: asyncio.Task[None] | None = None
+        self.again = False  # a change arrived while a read was under way
+
+    @property
+    def payload(self) -> str:
+        """The snapshot as the public job's JSON, made once per version."""
+        if self._payload is None:
+            assert self.job is not None
+            self._payload = self.job.public_json()
+        return self._payload
+
+    def update(self, job: JobRecord | None) -> None:
+        if job is None:
+            self.gone = True
+        else:
+            self.job, self._payload = job, None
+        self.version += 1
+        self.unreadable = False
+        self.wake()
+
+    def wake(self) -> None:
+        for event in self._waiters:
+            event.set()
+
+    def seed(self, job: JobRecord) -> None:
+        """The record a request read itself, if the watch has nothing newer."""
+        if self.job is None and not self.gone:
+            self.job = job
 
 
 class Waiter:
-    """One request's interest in one job."""
+    """One request's view of a :class:`Watch`."""
 
-    def __init__(self, *, finals_only: bool) -> None:
-        self.finals_only = finals_only
+    def __init__(self, watch: Watch) -> None:
+        self.watch = watch
+        self.seen = -1
         self.changed = asyncio.Event()
 
-    def notify(self, payload: str | None) -> None:
-        """``payload`` None means "anything may have changed" (a resubscription)."""
-        if payload is None or not self.finals_only or payload in FINAL:
-            self.changed.set()
+    async def next(self, timeout: float) -> bool:
+        """Wait until the watch has a version this waiter has not seen; False on time-out."""
+        if self.watch.version == self.seen:
+            self.changed.clear()
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self.changed.wait(), timeout)
+        if self.watch.version == self.seen:
+            return False
+        self.seen = self.watch.version
+        return True
 
 
 class JobEvents:
-    def __init__(self, client: aioredis.Redis, keys: Keys) -> None:
-        self.client = client
-        self.keys = keys
-        self._waiters: dict[str, set[Waiter]] = defaultdict(set)
-        self._task: asyncio.Task[None] | None = None
+    def __init__(self, store: AsyncJobStore) -> None:
+        self.store = store
+        self.client = store.client
+        self.keys = store.keys
+        self._watches: dict[str, Watch] = {}
+        self._tasks: set[asyncio.Task[None]] = set()
 
     def start(self) -> None:
-        self._task = asyncio.create_task(self._listen(), name="job-events")
+        for coroutine in (self._listen(), self._recheck()):
+            task = asyncio.create_task(coroutine, name="job-events")
+            self._tasks.add(task)
 
     async def stop(self) -> None:
         """Stop listening; bounded, so a stuck connection cannot hold up shutdown."""
-        if self._task is not None:
-            self._task.cancel()
-            await asyncio.wait({self._task}, timeout=SHUTDOWN_S)
+        for task in self._tasks:
+            task.cancel()
+        if self._tasks:
+            await asyncio.wait(self._tasks, timeout=SHUTDOWN_S)
+
+    @property
+    def watched(self) -> int:
+        return len(self._watches)
 
     @contextlib.contextmanager
-    def watch(self, job_id: str, *, finals_only: bool = False) -> Iterator[asyncio.Event]:
-        """An event set when job ``job_id`` changes (only when it ends, with ``finals_only``)."""
-        waiter = Waiter(finals_only=finals_only)
-        self._waiters[job_id].add(waiter)
+    def watch(self, job: JobRecord) -> Iterator[Waiter]:
+        """Follow ``job`` (as the request read it) until the block ends."""
+        watch = self._watches.get(job.id)
+        if watch is None:
+            watch = self._watches[job.id] = Watch(job.id)
+            watch.seed(job)
+            self.refresh(watch)  # a change since the request's own read is not missed
+        else:
+            watch.seed(job)
+        waiter = Waiter(watch)
+        watch._waiters.add(waiter.changed)
         try:
-            yield waiter.changed
+            yield waiter
         finally:
-            waiters = self._waiters.get(job_id)
-            if waiters is not None:
-                waiters.discard(waiter)
-                if not waiters:
-                    del self._waiters[job_id]
+            watch._waiters.discard(waiter.changed)
+            if not watch._waiters and self._watches.get(watch.job_id) is watch:
+                del self._watches[watch.job_id]
+                if watch.reading is not None:
+                    watch.reading.cancel()
 
-    def _wake_all(self) -> None:
-        for waiters in list(self._waiters.values()):
-            for waiter in list(waiters):
-                waiter.notify(None)
+    def refresh(self, watch: Watch) -> None:
+        """Read the job once for all its waiters (again after the read under way, if one is)."""
+        if watch.reading is not None:
+            watch.again = True
+            return
+        watch.reading = asyncio.create_task(self._read(watch), name=f"job-{watch.job_id}")
+
+    async def _read(self, watch: Watch) -> None:
+        try:
+            while True:
+                watch.again = False
+                try:
+                    job = await self.store.get(watch.job_id)
+                except RedisError as error:
+                    log.warning(
+                        "job %s: could not be read for its waiters (%s)", watch.job_id, error
+                    )
+                    watch.unreadable = True
+                    watch.wake()
+                    return
+                watch.update(job)
+                if not watch.again:
+                    return
+        finally:
+            watch.reading = None
+
+    def _refresh_all(self) -> None:
+        for watch in list(self._watches.values()):
+            self.refresh(watch)
+
+    async def _recheck(self) -> None:
+        while True:
+            await asyncio.sleep(RECHECK_S)
+            self._refresh_all()
 
     async def _listen(self) -> None:
         while True:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
                 await pubsub.psubscribe(self.keys.events_pattern)
-                self._wake_all()  # whatever happened while we were not listening
+                self._refresh_all()  # whatever happened while we were not listening
                 await self._receive(pubsub)
             except asyncio.CancelledError:
                 raise
-            except Exception as error:  # Redis went away: resubscribe, then wake everyone
+            except Exception as error:  # Redis went away: resubscribe, then read everyone
                 log.warning("job events lost (%s); resubscribing", error)
                 await asyncio.sleep(1.0)
             finally:
@@ -97,9 +192,9 @@ class JobEvents:
                     await asyncio.wait_for(pubsub.aclose(), SHUTDOWN_S)  # type: ignore[no-untyped-call]
 
     async def _receive(self, pubsub: Any) -> None:
-        """Hand messages to the waiters. A connection quiet for ``PING_AFTER_S`` is pinged; if
-        not even the PONG comes back, it died silently (a half-open TCP connection) and is
-        replaced."""
+        """Refresh the watch of each job that changes. A connection quiet for
+        ``PING_AFTER_S`` is pinged; if not even the PONG comes back, it died silently (a
+        half-open TCP connection) and is replaced."""
         heard = time.monotonic()
         pinged: float | None = None
         while True:
@@ -115,9 +210,9 @@ class JobEvents:
             heard, pinged = now, None
             if message.get("type") != "pmessage":
                 continue
-            channel, data = message["channel"], message.get("data")
+            channel = message["channel"]
             if isinstance(channel, bytes):
                 channel = channel.decode()
-            payload = data.decode() if isinstance(data, bytes) else str(data)
-            for waiter in list(self._waiters.get(self.keys.job_id_of_channel(channel), ())):
-                waiter.notify(payload)
+            watch = self._watches.get(self.keys.job_id_of_channel(channel))
+            if watch is not None:
+                self.refresh(watch)

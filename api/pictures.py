@@ -16,6 +16,7 @@ from PIL import Image
 
 from api.deps import (
     JOB_NOT_FOUND,
+    DecodeSlots,
     FleetDep,
     GalleryImagesDep,
     ReadableJob,
@@ -27,7 +28,7 @@ from api.grid import Tile, fit, render_grid, text_tile
 from api.schemas import problem_responses
 from api.thumbnails import NO_GALLERY_IMAGES, GalleryImages
 from shared.errors import ImageRejected
-from shared.images import decode_upload
+from shared.images import stored_image
 from shared.jobs import JobRecord
 from shared.schemas import Galleries, GallerySummary, JobKind, JobStatus
 from shared.settings import GALLERY_NAME
@@ -80,6 +81,7 @@ async def gallery_image(
     settings: SettingsDep,
     fleet: FleetDep,
     images: GalleryImagesDep,
+    slots: DecodeSlots,
     gallery: Annotated[str | None, Query(description="The gallery (default: the server's)")] = None,
     size: Size = None,
 ) -> Response:
@@ -93,7 +95,8 @@ async def gallery_image(
         target = size or (224 if max(image.size) <= 64 else max(image.size))
         return _png(fit(image, target))
 
-    data = await run_in_threadpool(render)
+    async with slots:
+        data = await run_in_threadpool(render)
     return Response(data, media_type="image/png", headers={"Cache-Control": CACHE})
 
 
@@ -109,6 +112,7 @@ async def job_grid(
     fleet: FleetDep,
     images: GalleryImagesDep,
     settings: SettingsDep,
+    slots: DecodeSlots,
 ) -> Response:
     if job.status != JobStatus.SUCCEEDED or job.result is None:
         raise HTTPException(409, NOT_DONE)
@@ -116,14 +120,15 @@ async def job_grid(
     if job.kind == JobKind.IMAGE and upload is None:
         raise HTTPException(404, JOB_NOT_FOUND)
     advertised = await _advertised_dir(fleet, job.result.gallery.name)
-    data = await run_in_threadpool(
-        _grid,
-        job,
-        upload,
-        images,
-        advertised=advertised,
-        max_pixels=settings.storage.max_image_pixels,
-    )
+    async with slots:  # drawn a few at a time, like uploads are decoded
+        data = await run_in_threadpool(
+            _grid,
+            job,
+            upload,
+            images,
+            advertised=advertised,
+            max_pixels=settings.storage.max_image_pixels,
+        )
     return Response(
         data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
     )
@@ -140,8 +145,8 @@ def _grid(
     result = job.result
     assert result is not None
     if upload is not None:
-        try:
-            query_image = decode_upload(upload, max_pixels=max_pixels).image
+        try:  # the job's pixels (or their small copy): never a large original
+            query_image = stored_image(upload, max_pixels=max_pixels)
         except ImageRejected:  # it was checked at upload: only a changed store gets here
             raise HTTPException(404, JOB_NOT_FOUND) from None
         query = Tile(query_image, "query", "your image")

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import asyncio
-import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -13,7 +11,6 @@ from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 from kombu.exceptions import OperationalError
-from redis.exceptions import RedisError
 
 from api.deps import (
     JOB_NOT_FOUND,
@@ -27,7 +24,7 @@ from api.deps import (
     StoreDep,
     read_owned_job,
 )
-from api.events import RECHECK_S, JobEvents
+from api.events import JobEvents
 from api.fleet import FleetView
 from api.schemas import BatchAccepted, problem_responses
 from api.uploads import (
@@ -42,8 +39,8 @@ from api.uploads import (
 )
 from shared.celery_config import job_queue, search_queues
 from shared.errors import ImageRejected
-from shared.images import decode_upload
-from shared.jobs import AsyncJobStore, NewJob, new_job_id
+from shared.images import upload_pixels
+from shared.jobs import JobRecord, NewJob, new_job_id
 from shared.logs import job_fields
 from shared.schemas import Job, Problem
 from shared.settings import GALLERY_NAME, MAX_K, Settings
@@ -80,7 +77,7 @@ GalleryName = Annotated[
     "/jobs",
     status_code=202,
     response_model=Job,
-    responses=problem_responses(400, 401, 413, 422, 429, 503),
+    responses=problem_responses(400, 401, 408, 413, 422, 429, 503),
     openapi_extra=UPLOAD_BODY,
     summary="Submit an image (or a text query); answers at once with the job to poll",
 )
@@ -112,7 +109,7 @@ async def create_job(
     "/jobs/batch",
     status_code=202,
     response_model=BatchAccepted,
-    responses=problem_responses(400, 401, 413, 422, 429, 503),
+    responses=problem_responses(400, 401, 408, 413, 422, 429, 503),
     openapi_extra=BATCH_BODY,
     summary="Submit several images at once: one job per file, in order",
 )
@@ -153,12 +150,13 @@ async def _accept(
     queued = await store.queue_length(*search_queues(settings))
     if queued + count > settings.broker.max_queued:
         raise HTTPException(429, QUEUE_FULL, headers={"Retry-After": "2"})
-    # Decoding is the costly check (memory and CPU): last, and a few at a time.
+    # Decoding is the costly check (memory and CPU): last, and a few at a time. What is kept
+    # is what the model looks at, so the worker decodes nothing.
     async with state.decode_slots:
-        await run_in_threadpool(
-            _check_images, submission.files, settings=settings, numbered=max_files > 1
+        pixels = await run_in_threadpool(
+            _decode_images, submission.files, settings=settings, numbered=max_files > 1
         )
-    uploads: list[bytes | None] = list(submission.files) or [None]
+    uploads: list[bytes | None] = list(pixels) or [None]
     new = [
         NewJob(
             new_job_id(),
@@ -191,16 +189,19 @@ async def _accept(
     return [record.public() for record in records]
 
 
-def _check_images(files: list[bytes], *, settings: Settings, numbered: bool) -> None:
-    """Refuse the submission if any file is not an image we accept; a batch's refusals say
-    which file (``File 2: ...``). (Sizes were checked while the files arrived.)"""
+def _decode_images(files: list[bytes], *, settings: Settings, numbered: bool) -> list[bytes]:
+    """Each file's pixels (shared.images.upload_pixels), or a refusal of the submission if any
+    file is not an image we accept; a batch's refusals say which file (``File 2: ...``).
+    (Sizes were checked while the files arrived.)"""
+    pixels = []
     for number, data in enumerate(files, start=1):
         try:
-            decode_upload(data, max_pixels=settings.storage.max_image_pixels)
+            pixels.append(upload_pixels(data, max_pixels=settings.storage.max_image_pixels))
         except ImageRejected as error:
             raise HTTPException(
                 400, f"File {number}: {error}" if numbered else str(error)
             ) from None
+    return pixels
 
 
 def _check_servable(view: FleetView, gallery: str, *, text: bool) -> None:
@@ -211,6 +212,9 @@ def _check_servable(view: FleetView, gallery: str, *, text: bool) -> None:
         raise HTTPException(422, UNKNOWN_GALLERY.format(name=gallery))
     if text and not view.modes["text"]:
         raise HTTPException(422, TEXT_OFF)
+
+
+JSON = "application/json"
 
 
 @router.get(
@@ -228,23 +232,21 @@ async def read_job(
     wait: Annotated[
         float, Query(ge=0, description="Long poll: seconds to wait for the end (capped)")
     ] = 0.0,
-) -> Job:
+) -> Response:
     job = await read_owned_job(store, job_id, owner)  # after FastAPI checked ``wait``
     if job.status.is_final or wait <= 0:
-        return job.public()
-    job_id = job.id
+        return Response(job.public_json(), media_type=JSON)
     deadline = time.monotonic() + min(wait, settings.api.max_wait_s)
-    with events.watch(job_id, finals_only=True) as changed:
+    with events.watch(job) as waiter:  # shared with every other waiter of this job
         while True:
-            changed.clear()  # before the read: an end published during the read still wakes us
-            found = await store.get(job_id)
-            if found is None:
+            watch = waiter.watch
+            if watch.gone:
                 raise HTTPException(404, JOB_NOT_FOUND)
             remaining = deadline - time.monotonic()
-            if found.status.is_final or remaining <= 0:
-                return found.public()
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(changed.wait(), timeout=min(remaining, RECHECK_S))
+            assert watch.job is not None
+            if watch.job.status.is_final or remaining <= 0:
+                return Response(watch.payload, media_type=JSON)
+            await waiter.next(remaining)
 
 
 @router.get(
@@ -260,9 +262,9 @@ async def read_job(
     response_class=StreamingResponse,
     summary="Follow a job as Server-Sent Events until it ends",
 )
-async def job_events(job: ReadableJob, store: StoreDep, events: EventsDep) -> StreamingResponse:
+async def job_events(job: ReadableJob, events: EventsDep) -> StreamingResponse:
     return StreamingResponse(
-        _event_stream(store, events, job.id),
+        _event_stream(events, job),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -272,27 +274,22 @@ def _sse(event: str, data: str) -> str:
     return f"event: {event}\ndata: {data}\n\n"
 
 
-async def _event_stream(store: AsyncJobStore, events: JobEvents, job_id: str) -> AsyncIterator[str]:
+async def _event_stream(events: JobEvents, job: JobRecord) -> AsyncIterator[str]:
     ends_at = time.monotonic() + STREAM_MAX_S
     last = ""
-    with events.watch(job_id) as changed:
+    with events.watch(job) as waiter:  # shared with every other waiter of this job
         while True:
-            changed.clear()  # before the read: a change during the read still wakes us
-            try:
-                job = await store.get(job_id)
-            except RedisError:
+            watch = waiter.watch
+            if watch.unreadable:
                 yield _sse("error", Problem(detail=STORE_DOWN).model_dump_json())
                 return
-            if job is None:
+            if watch.gone or watch.job is None:
                 yield _sse("error", Problem(detail=JOB_NOT_FOUND).model_dump_json())
                 return
-            payload = job.public().model_dump_json()
-            if payload != last:
-                yield _sse("job", payload)
-                last = payload
-            if job.status.is_final or time.monotonic() > ends_at:
+            if watch.payload != last:
+                last = watch.payload
+                yield _sse("job", last)
+            if watch.job.status.is_final or time.monotonic() > ends_at:
                 return
-            try:
-                await asyncio.wait_for(changed.wait(), timeout=KEEPALIVE_S)
-            except TimeoutError:
+            if not await waiter.next(KEEPALIVE_S):
                 yield ": keep-alive\n\n"  # also finds out when the client has gone

@@ -14,6 +14,7 @@ import time
 from fastapi import HTTPException
 from PIL import Image
 
+from shared.errors import GalleryError
 from shared.galleries import THUMBS, ThumbnailPack, find_gallery_dirs, pack_stamp
 
 NO_GALLERY_IMAGES = "The images of gallery {name!r} are not available on this API host."
@@ -67,4 +68,7 @@ class GalleryImages:
         pack = self.pack(name, advertised_dir=advertised_dir)
         if not 0 <= index < len(pack):
             raise HTTPException(404, NO_SUCH_IMAGE.format(name=name, index=index))
-        return pack.image(index)
+        try:
+            return pack.image(index)
+        except GalleryError:
+            raise HTTPException(404, NO_SUCH_IMAGE.format(name=name, index=index)) from None

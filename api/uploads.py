@@ -50,7 +50,18 @@ MAX_TEXT_CHARS = 1000
 
 _FORM_PROPERTIES: dict[str, Any] = {
     "k": {"type": "integer", "minimum": 1, "maximum": MAX_K, "default": 5},
-    "gallery": {"type": "string", "description": "A gallery name (default: the server's)"},
+    "gallery": {
+        "type": "string",
+        "pattern": f"^{GALLERY_NAME.pattern}$",
+        "description": "A gallery name (default: the server's)",
+    },
+}
+_TEXT: dict[str, Any] = {
+    "type": "string",
+    "minLength": 1,
+    "maxLength": MAX_TEXT_CHARS,
+    "pattern": r"\S",  # blank text is refused
+    "description": "A text query (CLIP embeds text in the images' space)",
 }
 
 # The request bodies, for the OpenAPI schema (parsed by hand, see above).
@@ -67,13 +78,10 @@ UPLOAD_BODY: dict[str, Any] = {
                             "format": "binary",
                             "description": "The image: JPEG, PNG, WebP, GIF, BMP or TIFF",
                         },
-                        "text": {
-                            "type": "string",
-                            "maxLength": MAX_TEXT_CHARS,
-                            "description": "A text query, instead of a file",
-                        },
+                        "text": {**_TEXT, "description": "A text query, instead of a file"},
                         **_FORM_PROPERTIES,
                     },
+                    "oneOf": [{"required": ["file"]}, {"required": ["text"]}],
                 }
             },
             "application/json": {
@@ -81,7 +89,7 @@ UPLOAD_BODY: dict[str, Any] = {
                     "type": "object",
                     "required": ["text"],
                     "properties": {
-                        "text": {"type": "string", "maxLength": MAX_TEXT_CHARS},
+                        "text": _TEXT,
                         **_FORM_PROPERTIES,
                     },
                 }
@@ -102,7 +110,9 @@ BATCH_BODY: dict[str, Any] = {
                         "file": {
                             "type": "array",
                             "items": {"type": "string", "format": "binary"},
-                            "description": "The images, one job each, in order",
+                            "minItems": 1,
+                            "description": "The images, one job each, in order (at most "
+                            "LOOKALIKE_MAX_BATCH_FILES, 16 by default)",
                         },
                         **_FORM_PROPERTIES,
                     },

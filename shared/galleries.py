@@ -273,7 +273,11 @@ class ThumbnailPack:
             yield self.get(index)
 
     def image(self, index: int) -> Image.Image:
+        """Thumbnail ``index``, decoded: at most ``THUMB_MAX`` pixels a side, checked before
+        anything is decompressed (a damaged pack cannot make it large)."""
         with Image.open(io.BytesIO(self.get(index))) as image:
+            if max(image.size) > THUMB_MAX:
+                raise GalleryError(f"Thumbnail {index} of {self.path} is damaged.")
             return image.convert("RGB")
 
 

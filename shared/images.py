@@ -1,13 +1,17 @@
-"""Decoding uploads and converting every image to RGB the same way.
+"""Decoding uploads, converting every image to RGB the same way, and the pixels a job keeps.
 
-Both sides use these functions: the API to refuse bad uploads before they are queued, the
-worker to decode the stored bytes, and the gallery builder to convert its 28x28 grey images.
-One conversion for all keeps a gallery image sent as an upload identical to itself.
+The API decodes each upload once, to refuse bad ones before they are queued, and stores what
+the model will look at: the centre square of the decoded image (CLIP keeps the centre square
+too), as raw RGB in a small self-describing frame (:func:`encode_pixels`). The worker reads
+those pixels without decoding anything; the result picture is drawn from them. The gallery
+builder converts its 28x28 grey images with the same :func:`to_rgb`, so a gallery image sent
+as an upload stays identical to itself.
 """
 
 from __future__ import annotations
 
 import io
+import struct
 import warnings
 from dataclasses import dataclass
 
@@ -35,6 +39,20 @@ EMPTY = "The upload is empty."
 NOT_AN_IMAGE = f"The upload is not a {ACCEPTED_NAMES} image."
 CORRUPT = "The image is corrupt or truncated."
 TOO_MANY_PIXELS = "The image has too many pixels."
+METADATA_TOO_LARGE = "The image's text metadata (PNG text chunks) is too large."
+BAD_PIXELS = "The stored pixels of the job are damaged."
+
+# Pillow's own guards against PNG text-chunk bombs (zTXt/iTXt inflating to megabytes).
+_TEXT_CHUNK_ERRORS = ("decompressed data too large", "too much memory used in text chunks")
+
+
+def _text_chunk_bomb(error: ValueError) -> bool:
+    return str(error).lower().startswith(_TEXT_CHUNK_ERRORS)
+
+
+# raw RGB pixels: magic, version, width, height (big-endian u16), then width*height*3 bytes
+PIXELS_MAGIC = b"LKPX"
+_PIXELS_HEADER = struct.Struct(">4sBHH")
 
 
 @dataclass(frozen=True)
@@ -59,7 +77,11 @@ def decode_upload(data: bytes, *, max_pixels: int) -> DecodedImage:
             image = Image.open(io.BytesIO(data), formats=ACCEPTED_FORMATS)
     except (Image.DecompressionBombWarning, Image.DecompressionBombError):
         raise ImageRejected(TOO_MANY_PIXELS) from None
-    except (UnidentifiedImageError, OSError, SyntaxError, ValueError, EOFError):
+    except ValueError as error:
+        if _text_chunk_bomb(error):
+            raise ImageRejected(METADATA_TOO_LARGE) from None
+        raise ImageRejected(NOT_AN_IMAGE) from None
+    except (UnidentifiedImageError, OSError, SyntaxError, EOFError):
         raise ImageRejected(NOT_AN_IMAGE) from None
     width, height = image.size
     if width < 1 or height < 1:
@@ -74,11 +96,60 @@ def decode_upload(data: bytes, *, max_pixels: int) -> DecodedImage:
         rgb = to_rgb(image)
     except ImageRejected:
         raise
-    except (
-        Exception
-    ):  # Pillow's decoders raise many types on bad input (TypeError, struct.error...)
+    except ValueError as error:
+        if _text_chunk_bomb(error):
+            raise ImageRejected(METADATA_TOO_LARGE) from None
+        raise ImageRejected(CORRUPT) from None
+    except Exception:  # Pillow's decoders raise many types on bad input (TypeError, struct...)
         raise ImageRejected(CORRUPT) from None
     return DecodedImage(image=rgb, format=image_format, width=width, height=height)
+
+
+def centre_square(image: Image.Image) -> Image.Image:
+    """The largest centred square: the part of an image CLIP looks at (it resizes the short
+    side, then keeps the centre square)."""
+    width, height = image.size
+    side = min(width, height)
+    if width == height:
+        return image
+    left, top = (width - side) // 2, (height - side) // 2
+    return image.crop((left, top, left + side, top + side))
+
+
+def encode_pixels(image: Image.Image) -> bytes:
+    """An RGB image as raw pixels in a small frame: what a job keeps of its upload."""
+    rgb = image if image.mode == "RGB" else image.convert("RGB")
+    width, height = rgb.size
+    return _PIXELS_HEADER.pack(PIXELS_MAGIC, 1, width, height) + rgb.tobytes()
+
+
+def is_pixels(data: bytes) -> bool:
+    return data[:4] == PIXELS_MAGIC
+
+
+def decode_pixels(data: bytes) -> Image.Image:
+    """The image of :func:`encode_pixels`; :class:`ImageRejected` if the frame is damaged.
+    Nothing is decompressed: the size is the frame's length, checked before use."""
+    if len(data) < _PIXELS_HEADER.size:
+        raise ImageRejected(BAD_PIXELS)
+    magic, version, width, height = _PIXELS_HEADER.unpack_from(data)
+    body = memoryview(data)[_PIXELS_HEADER.size :]
+    if magic != PIXELS_MAGIC or version != 1 or not width or len(body) != width * height * 3:
+        raise ImageRejected(BAD_PIXELS)
+    return Image.frombytes("RGB", (width, height), bytes(body))
+
+
+def upload_pixels(data: bytes, *, max_pixels: int) -> bytes:
+    """Decode an upload (or refuse it) and return the pixels its job keeps."""
+    return encode_pixels(centre_square(decode_upload(data, max_pixels=max_pixels).image))
+
+
+def stored_image(data: bytes, *, max_pixels: int) -> Image.Image:
+    """A job's stored image: its pixels, or (a job of an earlier version, or a result's small
+    copy) an encoded image decoded under the upload limits."""
+    if is_pixels(data):
+        return decode_pixels(data)
+    return decode_upload(data, max_pixels=max_pixels).image
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

@@ -166,7 +166,15 @@ class JobRecord(Job):
     computed: int = 0
 
     def public(self) -> Job:
-        return Job.model_validate(self.model_dump(include=set(Job.model_fields)))
+        return Job.model_validate(self.model_dump(include=_PUBLIC))
+
+    def public_json(self) -> str:
+        """The public job as JSON, as ``GET /jobs/<id>`` answers it (no round trip through
+        a second model: this is on every read of every job)."""
+        return self.model_dump_json(include=_PUBLIC)
+
+
+_PUBLIC = set(Job.model_fields)
 
 
 def parse_record(raw: Mapping[Any, Any]) -> JobRecord | None:

@@ -18,7 +18,7 @@ from PIL import Image
 
 from shared.errors import ImageRejected, JobFailed
 from shared.galleries import encode_thumbnail
-from shared.images import decode_upload
+from shared.images import stored_image
 from shared.jobs import JobRecord, JobStore, Started, now
 from shared.logs import job_fields
 from shared.metrics import Metrics
@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 UPLOAD_GONE = "The uploaded image is no longer stored (it expired or was removed)."
 TOO_MANY_ATTEMPTS = "The job was abandoned after {n} attempts: its worker stopped each time."
 INTERNAL = "The worker hit an internal error ({name})."
-KEEP_UPLOADS_UP_TO = 64 * 1024  # bytes: smaller uploads stay as they are after the job
+KEEP_UPLOADS_UP_TO = 64 * 1024  # bytes: smaller stored pixels stay as they are after the job
 
 
 @dataclass
@@ -175,7 +175,7 @@ def _prepare(
     if data is None:
         raise JobFailed(UPLOAD_GONE, reason="upload_gone")
     try:
-        return decode_upload(data, max_pixels=max_pixels).image
+        return stored_image(data, max_pixels=max_pixels)
     except ImageRejected as error:
         raise JobFailed(str(error), reason="bad_image") from None
 

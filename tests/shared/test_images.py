@@ -17,11 +17,18 @@ from shared.images import (
     CORRUPT,
     EMPTY,
     MAX_ASPECT_RATIO,
+    METADATA_TOO_LARGE,
     NOT_AN_IMAGE,
     SHRINK_TO,
     TOO_MANY_PIXELS,
+    centre_square,
+    decode_pixels,
     decode_upload,
+    encode_pixels,
+    is_pixels,
+    stored_image,
     to_rgb,
+    upload_pixels,
 )
 from shared.settings import StorageSettings
 
@@ -390,3 +397,79 @@ def test_large_palette_image_with_transparency_is_shrunk_onto_black() -> None:
 
     assert min(image.size) < 2 * SHRINK_TO
     assert image.getpixel((5, 5)) == (0, 0, 0)
+
+
+# --- the pixels a job keeps -------------------------------------------------------------------
+
+
+def png_with_text_chunk(inflated: int) -> bytes:
+    def chunk(kind: bytes, data: bytes) -> bytes:
+        crc = zlib.crc32(kind + data) & 0xFFFFFFFF
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", crc)
+
+    header = struct.pack(">IIBBBBB", 1, 1, 8, 0, 0, 0, 0)
+    bomb = b"comment\x00\x00" + zlib.compress(b"a" * inflated, 9)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", header)
+        + chunk(b"zTXt", bomb)
+        + chunk(b"IDAT", zlib.compress(b"\x00\x00"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_a_png_text_chunk_bomb_is_refused_with_a_sentence_that_says_so() -> None:
+    data = png_with_text_chunk(20 * 1024 * 1024)
+    assert len(data) < 64 * 1024
+    assert rejection(data) == METADATA_TOO_LARGE
+
+
+def test_centre_square_keeps_the_middle_of_a_wide_or_tall_image() -> None:
+    wide = Image.new("RGB", (30, 10), RED)
+    wide.paste((0, 0, 255), (10, 0, 20, 10))
+    assert centre_square(wide).size == (10, 10)
+    assert centre_square(wide).getpixel((5, 5)) == (0, 0, 255)
+    tall = noise(7, 21)
+    assert centre_square(tall).tobytes() == tall.crop((0, 7, 7, 14)).tobytes()
+    square = noise(9, 9)
+    assert centre_square(square) is square
+
+
+@pytest.mark.parametrize("size", [(1, 1), (28, 28), (300, 200)])
+def test_pixels_round_trip(size: tuple[int, int]) -> None:
+    image = noise(*size)
+    data = encode_pixels(image)
+    assert is_pixels(data)
+    assert len(data) == 9 + size[0] * size[1] * 3
+    assert decode_pixels(data).tobytes() == image.tobytes()
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda d: d[:5],
+        lambda d: d[:-1],
+        lambda d: d + b"\0",
+        lambda d: b"LKPX\x02" + d[5:],
+        lambda d: d[:5] + b"\0\0" + d[7:],
+    ],
+)
+def test_damaged_pixels_are_refused_without_decoding(damage: object) -> None:
+    data = encode_pixels(noise(4, 4))
+    with pytest.raises(ImageRejected):
+        decode_pixels(damage(data))  # type: ignore[operator]
+
+
+def test_an_upload_keeps_the_centre_square_of_its_decoded_image() -> None:
+    photo = noise(600, 400)
+    kept = decode_pixels(upload_pixels(encode(photo, "PNG"), max_pixels=MAX_PIXELS))
+    assert kept.size == (400, 400)
+    assert kept.tobytes() == photo.crop((100, 0, 500, 400)).tobytes()
+
+
+def test_stored_image_reads_pixels_and_older_raw_uploads_alike() -> None:
+    image = noise(28, 28)
+    assert stored_image(encode_pixels(image), max_pixels=MAX_PIXELS).tobytes() == image.tobytes()
+    assert stored_image(encode(image, "PNG"), max_pixels=MAX_PIXELS).tobytes() == image.tobytes()
+    with pytest.raises(ImageRejected):
+        stored_image(png_declaring(50_000, 50_000), max_pixels=MAX_PIXELS)
