@@ -16,6 +16,7 @@ import socket
 import sys
 from pathlib import Path
 
+from lookalike.data import add_data_parser
 from shared.errors import LookalikeError
 from shared.settings import MAX_K, load_settings
 
@@ -42,6 +43,8 @@ def _setup_logging() -> None:
 def cmd_api(args: argparse.Namespace) -> int | str:
     import uvicorn
 
+    from api.edge import raise_open_files_limit, uvicorn_limits
+
     settings = load_settings()  # refuse bad settings before binding the port
     if not settings.api.keys and args.host not in LOOPBACK:
         print(
@@ -52,15 +55,18 @@ def cmd_api(args: argparse.Namespace) -> int | str:
     taken = port_taken(args.host, args.port)
     if taken:
         return taken
+    short = raise_open_files_limit(connections=settings.api.max_connections)
+    if short:
+        print(f"lookalike: warning: {short}", file=sys.stderr)
     uvicorn.run(
         "api.app:create_app",
         factory=True,
         host=args.host,
         port=args.port,
         workers=args.workers,
-        timeout_keep_alive=5,
         log_level="warning",
         access_log=False,
+        **uvicorn_limits(settings.api),  # head limits, head deadline, keep-alive, connection cap
     )
     return 0
 
@@ -288,6 +294,8 @@ def build_parser() -> argparse.ArgumentParser:
     evaluate.add_argument("--json", metavar="PATH", help="also write the figures as JSON")
     evaluate.add_argument("--no-progress", action="store_true", help="no progress bar")
     evaluate.set_defaults(func=cmd_eval)
+
+    add_data_parser(commands)
     return parser
 
 

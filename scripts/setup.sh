@@ -42,9 +42,12 @@ if [ ! -f "$stamp" ]; then
   touch "$stamp"
 fi
 
+# The files, not just a folder: a Keras download that failed leaves its folder empty.
+keras_cache="${KERAS_HOME:-$HOME/.keras}/datasets/fashion-mnist"
 if [ -z "${LOOKALIKE_DATA_DIR:-}" ] && [ ! -d /usr/share/datasets/fashion-mnist ] \
-    && [ ! -d "$HOME/.keras/datasets/fashion-mnist" ]; then
+    && ! ls "$keras_cache"/train-images-idx3-ubyte* >/dev/null 2>&1; then
   echo "setup: installing Fashion-MNIST (Debian package dataset-fashion-mnist)" >&2
   apt_install dataset-fashion-mnist || echo "setup: could not install dataset-fashion-mnist;" \
-    "put the four IDX files in a folder and set LOOKALIKE_DATA_DIR" >&2
+    "download Fashion-MNIST with '.venv/bin/lookalike data fetch', or add the tensorflow" \
+    "extra (LOOKALIKE_EXTRAS=$EXTRAS,tensorflow) so that Keras downloads it at the first start" >&2
 fi

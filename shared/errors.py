@@ -12,10 +12,13 @@ Each carries a short sentence that is safe to show a person::
     ├── ImageRejected              an upload is not an image we accept: the API answers 400
     ├── JobFailed                  a job cannot succeed: the worker stores the sentence in it
     ├── RequestRefused             the API refuses a request while reading it
+    │   ├── HeadRefused            the request head breaks a limit or is too slow (414, 431, 408)
     │   ├── BodyRefused            the body is too large or too slow (413, 408)
     │   └── MultipartRefused       the multipart body breaks a limit or is malformed (400)
     │       └── FileTooLarge       one file of it passed the per-file limit (413)
     ├── QueryFailed                ``lookalike query``: the service refused or failed the query
+    ├── FetchFailed                ``lookalike data fetch``: a file could not be downloaded
+    │   └── ChecksumMismatch       a downloaded file is not the published one (names the file)
     └── BenchError                 ``lookalike bench`` cannot measure
         ├── BenchAborted           the warm-up could not reach the service
         └── HttpError              a connection of the load driver failed
@@ -69,6 +72,16 @@ class RequestRefused(LookalikeError):
     """The API refuses a request while reading it."""
 
 
+class HeadRefused(RequestRefused):
+    """The request line or headers break a limit (414, 431) or are too slow to arrive (408);
+    raised inside the HTTP parser's callbacks (``api.edge``), before the app sees the request."""
+
+    def __init__(self, status: int, detail: str) -> None:
+        super().__init__(detail)
+        self.status = status
+        self.detail = detail
+
+
 class BodyRefused(RequestRefused):
     """The body is too large (413) or too slow to arrive (408); raised inside ``receive``."""
 
@@ -96,6 +109,18 @@ class FileTooLarge(MultipartRefused):
 
 class QueryFailed(LookalikeError):
     """``lookalike query``: the service refused or failed the query; the message says why."""
+
+
+class FetchFailed(LookalikeError):
+    """``lookalike data fetch`` could not download a file; the message names it and why."""
+
+
+class ChecksumMismatch(FetchFailed):
+    """A downloaded file's SHA-256 is not the published one; the download was deleted."""
+
+    def __init__(self, sentence: str, *, name: str) -> None:
+        super().__init__(sentence)
+        self.name = name
 
 
 class BenchError(LookalikeError):

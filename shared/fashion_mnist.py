@@ -1,12 +1,19 @@
 """Fashion-MNIST read straight from its IDX files (the files Keras downloads).
 
 Gallery position ``i`` is the ``i``-th image of train (60,000) followed by test (10,000).
+The files are looked for in LOOKALIKE_DATA_DIR, Debian's ``dataset-fashion-mnist`` and Keras's
+cache; when none holds them and Keras is installed (the ``tensorflow`` extra), Keras downloads
+them into its cache, the way the original notebook loaded the dataset.
 """
 
 from __future__ import annotations
 
 import gzip
+import importlib.util
+import logging
+import os
 import struct
+import sys
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
@@ -34,7 +41,18 @@ SPLITS = {
     "test": ("t10k-images-idx3-ubyte", "t10k-labels-idx1-ubyte"),
 }
 DEBIAN_DIR = Path("/usr/share/datasets/fashion-mnist")
-KERAS_DIR = Path("~/.keras/datasets/fashion-mnist")
+# None: Keras's own cache, see keras_dir(). A folder here stands in for it (tests point it
+# elsewhere), and Keras is not asked to download: its files would land in its own cache.
+KERAS_DIR: Path | None = None
+HOW_TO_GET_IT = (
+    "Get it one of three ways: install Debian's package "
+    "('apt-get install dataset-fashion-mnist'), download it with 'lookalike data fetch', or "
+    "install the TensorFlow extra ('pip install \"lookalike[tensorflow]\"') so that Keras "
+    "downloads it at the next start; or put the four IDX files "
+    "(train-images-idx3-ubyte.gz, ...) in a folder and set LOOKALIKE_DATA_DIR to it."
+)
+
+log = logging.getLogger(__name__)
 
 _DTYPES: dict[int, str | type[np.generic]] = {
     0x08: np.uint8,
@@ -83,10 +101,23 @@ def read_idx(path: Path) -> npt.NDArray[np.generic]:
     return np.frombuffer(data, dtype=dtype, offset=header).reshape(shape)
 
 
+def keras_dir() -> Path:
+    """Where ``keras.datasets.fashion_mnist.load_data()`` keeps the four files:
+    ``<keras home>/datasets/fashion-mnist``, the home being KERAS_HOME, else ``~/.keras`` (or
+    ``/tmp/.keras`` where the home folder is read-only), as Keras itself decides."""
+    if KERAS_DIR is not None:
+        return KERAS_DIR.expanduser()
+    home = os.environ.get("KERAS_HOME")
+    if not home:
+        base = Path("~").expanduser()
+        home = str((base if os.access(base, os.W_OK) else Path("/tmp")) / ".keras")
+    return Path(home).expanduser() / "datasets" / "fashion-mnist"
+
+
 def candidate_dirs(data_dir: Path | None) -> list[Path]:
     """Where we look, in order: LOOKALIKE_DATA_DIR, Debian's package, Keras's cache."""
     dirs = [data_dir] if data_dir is not None else []
-    return [*dirs, DEBIAN_DIR, KERAS_DIR.expanduser()]
+    return [*dirs, DEBIAN_DIR, keras_dir()]
 
 
 def _find(directory: Path, stem: str) -> Path | None:
@@ -96,17 +127,67 @@ def _find(directory: Path, stem: str) -> Path | None:
     return None
 
 
+def holds_dataset(directory: Path) -> bool:
+    """Whether ``directory`` holds the four IDX files (gzip-compressed or not)."""
+    return all(_find(directory, stem) for pair in SPLITS.values() for stem in pair)
+
+
 def find_dataset(data_dir: Path | None) -> Path:
-    """The first directory holding all four IDX files, or :class:`DatasetNotFound`."""
+    """The first directory holding all four IDX files; where none does and Keras is
+    installed, Keras downloads them into its cache (:func:`download_with_keras`); else
+    :class:`DatasetNotFound`, whose message lists the ways to get them."""
     for directory in candidate_dirs(data_dir):
-        if all(_find(directory, stem) for pair in SPLITS.values() for stem in pair):
+        if holds_dataset(directory):
             return directory
     looked = ", ".join(str(d) for d in candidate_dirs(data_dir))
-    raise DatasetNotFound(
-        f"Fashion-MNIST was not found (looked in {looked}). Install it with "
-        "'apt-get install dataset-fashion-mnist', or put the four IDX files "
-        "(train-images-idx3-ubyte.gz, ...) in a folder and set LOOKALIKE_DATA_DIR to it."
-    )
+    if KERAS_DIR is not None:
+        raise DatasetNotFound(f"Fashion-MNIST was not found (looked in {looked}). {HOW_TO_GET_IT}")
+    return download_with_keras(looked=looked)
+
+
+def _choose_keras_backend() -> None:
+    """Keras 3 imports its backend with itself, TensorFlow unless told otherwise: where
+    TensorFlow is absent, run it on the worker's torch (loading a dataset needs no more)."""
+    if "keras" in sys.modules or os.environ.get("KERAS_BACKEND"):
+        return  # already imported, or the user chose
+    if importlib.util.find_spec("tensorflow") is None and importlib.util.find_spec("torch"):
+        os.environ["KERAS_BACKEND"] = "torch"
+
+
+def download_with_keras(*, looked: str) -> Path:
+    """Have ``keras.datasets.fashion_mnist.load_data()`` download the four files into
+    :func:`keras_dir` (the notebook's route, with the ``tensorflow`` extra) and return that
+    folder; :class:`DatasetNotFound` when Keras is not installed or the download fails."""
+    missing = f"Fashion-MNIST was not found (looked in {looked})"
+    _choose_keras_backend()
+    try:
+        import keras
+    except ModuleNotFoundError as error:
+        if error.name != "keras":
+            raise DatasetNotFound(
+                f"{missing}, and Keras is installed but cannot start ({error}; it runs on "
+                f"TensorFlow, or on torch with KERAS_BACKEND=torch). {HOW_TO_GET_IT}"
+            ) from error
+        raise DatasetNotFound(f"{missing}. {HOW_TO_GET_IT}") from None
+    target = keras_dir()
+    log.info("Fashion-MNIST not found: downloading it through Keras into %s", target)
+    try:
+        keras.datasets.fashion_mnist.load_data()
+    except Exception as error:  # Keras raises a bare Exception for a failed fetch
+        raise DatasetNotFound(
+            f"{missing}, and Keras could not download it ({_first_line(error)}). {HOW_TO_GET_IT}"
+        ) from error
+    if not holds_dataset(target):
+        raise DatasetNotFound(
+            f"{missing}. Keras downloaded it, but not into {target}, where lookalike reads "
+            "its cache; set LOOKALIKE_DATA_DIR to the folder Keras used."
+        )
+    return target
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip() or type(error).__name__
+    return text.splitlines()[0]
 
 
 def load_gallery(data_dir: Path | None, *, size: int) -> Gallery:

@@ -83,6 +83,11 @@ class ModelSettings(_Group):
     fast_cpu: Literal["auto", "int8", "bf16", "off"] = Field(
         "auto", validation_alias="LOOKALIKE_FAST_CPU"
     )
+    # How images become the model's input (worker.preprocess): auto is torch on a GPU,
+    # pil+torch on a CPU; either is used only if it matches the processor at start.
+    preprocess: Literal["auto", "processor", "pil+torch", "torch"] = Field(
+        "auto", validation_alias="LOOKALIKE_PREPROCESS"
+    )
     # The text tower (and tokenizer) is loaded only when text search is on.
     text_search: Literal["on", "off"] = Field("on", validation_alias="LOOKALIKE_TEXT_SEARCH")
 
@@ -198,6 +203,14 @@ class ApiSettings(_Group):
     max_batch_files: int = Field(16, ge=1, le=256, validation_alias="LOOKALIKE_MAX_BATCH_FILES")
     # Comma-separated; empty means no keys are required (the default, for loopback use).
     api_keys: str = Field("", validation_alias="LOOKALIKE_API_KEYS", repr=False)
+    # The edge of each API process (api/edge.py). Connections served at once: one more is
+    # answered 503; 1,000 clients long-polling one job must fit well under it.
+    max_connections: int = Field(4096, validation_alias="LOOKALIKE_MAX_CONNECTIONS")
+    # Seconds a connection has to send a complete request line and headers (slowloris).
+    header_timeout_s: float = Field(10.0, validation_alias="LOOKALIKE_HEADER_TIMEOUT")
+    # Seconds an idle keep-alive connection is kept after a response; behind a load balancer
+    # set it longer than the balancer's own idle timeout.
+    keepalive_timeout_s: float = Field(5.0, validation_alias="LOOKALIKE_KEEPALIVE_TIMEOUT")
 
     @field_validator("api_keys")
     @classmethod
@@ -206,6 +219,31 @@ class ApiSettings(_Group):
         if any(len(k) < 16 for k in keys):
             raise ValueError("LOOKALIKE_API_KEYS: every key must be at least 16 characters")
         return ",".join(keys)
+
+    @field_validator("max_connections")
+    @classmethod
+    def _connections_range(cls, value: int) -> int:
+        if not 1 <= value <= 1_000_000:
+            raise ValueError(f"LOOKALIKE_MAX_CONNECTIONS={value} must be between 1 and 1000000")
+        return value
+
+    @field_validator("header_timeout_s")
+    @classmethod
+    def _header_timeout_range(cls, value: float) -> float:
+        if not 0 < value <= 300:
+            raise ValueError(
+                f"LOOKALIKE_HEADER_TIMEOUT={value} must be more than 0 and at most 300"
+            )
+        return value
+
+    @field_validator("keepalive_timeout_s")
+    @classmethod
+    def _keepalive_timeout_range(cls, value: float) -> float:
+        if not 0 < value <= 3600:
+            raise ValueError(
+                f"LOOKALIKE_KEEPALIVE_TIMEOUT={value} must be more than 0 and at most 3600"
+            )
+        return value
 
     @property
     def keys(self) -> tuple[str, ...]:

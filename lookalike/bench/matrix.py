@@ -4,6 +4,7 @@
     .venv/bin/python -m lookalike.bench.matrix overhead batching scaling load
     .venv/bin/python -m lookalike.bench.matrix startup    # needs the 70,000-image index built
     .venv/bin/python -m lookalike.bench.matrix build      # distributed index builds
+    .venv/bin/python -m lookalike.bench.matrix cpu        # the stack's CPU per job
 
 Each configuration starts its own Redis, N ``lookalike worker`` processes and ``lookalike api``
 (``lookalike.stack.Stack``, the stack the end-to-end tests start) with the settings below,
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import os
+import resource
 import sys
 import tempfile
 import time
@@ -30,6 +32,7 @@ from lookalike.stack import Stack
 
 HOME = Path(os.environ.get("BENCH_HOME", "/tmp/lookalike-bench"))
 CHECKPOINT = HOME / "clip-b32"
+TINY_CHECKPOINT = HOME / "clip-tiny"
 BASE = {
     "LOOKALIKE_MODEL": os.environ.get("LOOKALIKE_MODEL", str(CHECKPOINT)),
     "LOOKALIKE_GALLERY_SIZE": os.environ.get("LOOKALIKE_GALLERY_SIZE", "2000"),
@@ -71,7 +74,9 @@ def ensure_checkpoint() -> None:
         save_random_clip(CHECKPOINT, shape="vit-b-32")
 
 
-def bench(stack: Stack, *, requests: int, concurrency: int, out: Path) -> dict[str, Any]:
+def bench(
+    stack: Stack, *, requests: int, concurrency: int, out: Path, warmup: int = 5
+) -> dict[str, Any]:
     """``lookalike bench`` against the stack's API; its JSON figures."""
     stack.run_cli(
         "bench",
@@ -82,7 +87,7 @@ def bench(stack: Stack, *, requests: int, concurrency: int, out: Path) -> dict[s
         "--concurrency",
         str(concurrency),
         "--warmup",
-        "5",
+        str(warmup),
         "--json",
         str(out),
         timeout=3600,
@@ -171,6 +176,79 @@ def build(size: int = 4096) -> None:
         )
 
 
+def cpu_seconds(pids: list[int], *, sessions: bool) -> float:
+    """CPU seconds (user + system) of these processes; with ``sessions``, of every process in
+    their sessions (an API's uvicorn workers, for one), read from /proc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    total = 0
+    for stat_path in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat_path.read_text().rsplit(")", 1)[1].split()
+        except OSError:
+            continue  # gone meanwhile
+        pid, session = int(stat_path.parent.name), int(fields[3])
+        if pid in pids or (sessions and session in pids):
+            total += int(fields[11]) + int(fields[12])  # utime, stime
+    return total / tick
+
+
+def stack_cpu(stack: Stack) -> dict[str, float]:
+    pids = stack.pids()
+    return {
+        "api": cpu_seconds(pids["api"], sessions=True),
+        "worker": cpu_seconds(pids["workers"], sessions=True),
+        "redis": cpu_seconds(pids["redis"], sessions=False),
+    }
+
+
+def cpu(requests: int = 600, concurrency: int = 32, runs: int = 2) -> None:
+    """The service stack's own CPU per image job: a tiny random CLIP (the model costs next to
+    nothing), one API, one worker with one torch thread, ``requests`` jobs at ``concurrency``;
+    each process's CPU time over the timed run (after a warm-up run), divided by the jobs."""
+    if not (TINY_CHECKPOINT / "config.json").exists():
+        save_random_clip(TINY_CHECKPOINT, shape="tiny")
+    env = environment(
+        LOOKALIKE_MODEL=str(TINY_CHECKPOINT),
+        LOOKALIKE_INDEX_DIR=str(HOME / "index-tiny"),
+        LOOKALIKE_THREADS="1",
+    )
+    print(
+        "| run | jobs/s | p50 ms | API ms/job | worker ms/job | Redis ms/job | stack ms/job | "
+        "bench client ms/job | batch p50 | load avg |"
+    )
+    print("|" + " --- |" * 10)
+    with tempfile.TemporaryDirectory() as tmp:
+        stack = Stack(env=env, workdir=Path(tmp))
+        built = stack.run_cli("index", "build", "--no-progress", timeout=3600)
+        if built.returncode:
+            raise SystemExit(f"index build failed:\n{built.stderr}")
+        stack.start(workers=1)
+        try:
+            bench(stack, requests=200, concurrency=concurrency, out=Path(tmp) / "warm")
+            for run in range(1, runs + 1):
+                before, client_before = stack_cpu(stack), _children_cpu()
+                out = Path(tmp) / "b"
+                s = bench(stack, requests=requests, concurrency=concurrency, out=out, warmup=0)
+                after, client_after = stack_cpu(stack), _children_cpu()
+                done = max(1, s["succeeded"])
+                per = {k: (after[k] - before[k]) * 1000 / done for k in after}
+                client = (client_after - client_before) * 1000 / done
+                print(
+                    f"| {run} | {s['throughput_jobs_per_s']:.1f} | {s['latency_ms']['p50']:.1f} | "
+                    f"{per['api']:.2f} | {per['worker']:.2f} | {per['redis']:.2f} | "
+                    f"{sum(per.values()):.2f} | {client:.2f} | "
+                    f"{s['server_batch_size'].get('p50') or 1:.0f} | {s['load_average'][0]:.2f} |",
+                    flush=True,
+                )
+        finally:
+            stack.stop()
+
+
+def _children_cpu() -> float:
+    usage = resource.getrusage(resource.RUSAGE_CHILDREN)
+    return usage.ru_utime + usage.ru_stime
+
+
 def _build_figures(stdout: str) -> str:
     line = next(line for line in stdout.splitlines() if line.startswith("index built"))
     seconds = line.split(" in ")[1].split("s ")[0]
@@ -185,6 +263,9 @@ def main(groups: list[str]) -> None:
         return
     if groups == ["build"]:
         build()
+        return
+    if groups == ["cpu"]:
+        cpu()
         return
     print(
         "| configuration | requests | jobs/s | p50 / p95 / p99 ms | embed p50 ms | "
