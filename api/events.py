@@ -7,10 +7,10 @@ when the job changes, the hub reads it from Redis **once** and hands the same sn
 JSON, serialised once) to all of them. So the Redis work of a change does not grow with the
 number of waiters, and no burst of reads follows the end of a popular job.
 
-Nothing is missed: a new watch reads its job once after it starts listening (a change between a
-request's own read and its watch is caught); whenever the subscription is (re)established every
-watched job is read again; and every ``RECHECK_S`` each watched job is read once more, a safety
-net for a connection that died silently.
+Nothing is missed: a request starts watching before it reads the job itself, so a change during
+its read is caught; whenever the subscription is (re)established every watched job is read
+again; and every ``RECHECK_S`` each watched job is read once more, a safety net for a
+connection that died silently.
 """
 
 from __future__ import annotations
@@ -83,6 +83,10 @@ class Waiter:
         self.seen = -1
         self.changed = asyncio.Event()
 
+    def seed(self, job: JobRecord) -> None:
+        """The record the request read after it started watching."""
+        self.watch.seed(job)
+
     async def next(self, timeout: float) -> bool:
         """Wait until the watch has a version this waiter has not seen; False on time-out."""
         if self.watch.version == self.seen:
@@ -120,15 +124,13 @@ class JobEvents:
         return len(self._watches)
 
     @contextlib.contextmanager
-    def watch(self, job: JobRecord) -> Iterator[Waiter]:
-        """Follow ``job`` (as the request read it) until the block ends."""
-        watch = self._watches.get(job.id)
+    def watch(self, job_id: str) -> Iterator[Waiter]:
+        """Follow job ``job_id`` until the block ends. Watch first, then read the job and
+        :meth:`Waiter.seed` the watch with it: a change during the read is then not missed,
+        and costs a read only if it happens."""
+        watch = self._watches.get(job_id)
         if watch is None:
-            watch = self._watches[job.id] = Watch(job.id)
-            watch.seed(job)
-            self.refresh(watch)  # a change since the request's own read is not missed
-        else:
-            watch.seed(job)
+            watch = self._watches[job_id] = Watch(job_id)
         waiter = Waiter(watch)
         watch._waiters.add(waiter.changed)
         try:

@@ -6,10 +6,12 @@ the galleries jobs may name, and whether text search is on somewhere.
 
 from __future__ import annotations
 
+import json
 import time
 from dataclasses import dataclass, field
 from typing import Any
 
+from shared.images import InputSpec
 from shared.jobs import AsyncJobStore
 
 # Live workers' records expire 15 s after their last beat; a failed worker's stays 5 minutes
@@ -45,6 +47,15 @@ class FleetView:
         """The default gallery of the ready workers, if they all have the same."""
         defaults = {str(w.get("gallery")) for w in self.ready if w.get("gallery")}
         return defaults.pop() if len(defaults) == 1 else None
+
+    @property
+    def input_spec(self) -> InputSpec | None:
+        """The model input every ready worker takes, if they agree (then the API stores job
+        images at that size); None otherwise."""
+        specs = {json.dumps(w.get("input"), sort_keys=True) for w in self.ready}
+        if len(specs) != 1:
+            return None
+        return InputSpec.from_dict(self.ready[0].get("input"))
 
     @property
     def modes(self) -> dict[str, bool]:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 from collections.abc import AsyncIterator
@@ -18,13 +19,12 @@ from api.deps import (
     AppState,
     Caller,
     EventsDep,
-    ReadableJob,
     SettingsDep,
     State,
     StoreDep,
     read_owned_job,
 )
-from api.events import JobEvents
+from api.events import Waiter
 from api.fleet import FleetView
 from api.schemas import BatchAccepted, problem_responses
 from api.uploads import (
@@ -39,8 +39,8 @@ from api.uploads import (
 )
 from shared.celery_config import job_queue, search_queues
 from shared.errors import ImageRejected
-from shared.images import upload_pixels
-from shared.jobs import JobRecord, NewJob, new_job_id
+from shared.images import InputSpec, upload_pixels
+from shared.jobs import NewJob, new_job_id
 from shared.logs import job_fields
 from shared.schemas import Job, Problem
 from shared.settings import GALLERY_NAME, MAX_K, Settings
@@ -154,7 +154,11 @@ async def _accept(
     # is what the model looks at, so the worker decodes nothing.
     async with state.decode_slots:
         pixels = await run_in_threadpool(
-            _decode_images, submission.files, settings=settings, numbered=max_files > 1
+            _decode_images,
+            submission.files,
+            settings=settings,
+            spec=view.input_spec,
+            numbered=max_files > 1,
         )
     uploads: list[bytes | None] = list(pixels) or [None]
     new = [
@@ -189,14 +193,17 @@ async def _accept(
     return [record.public() for record in records]
 
 
-def _decode_images(files: list[bytes], *, settings: Settings, numbered: bool) -> list[bytes]:
+def _decode_images(
+    files: list[bytes], *, settings: Settings, spec: InputSpec | None, numbered: bool
+) -> list[bytes]:
     """Each file's pixels (shared.images.upload_pixels), or a refusal of the submission if any
     file is not an image we accept; a batch's refusals say which file (``File 2: ...``).
     (Sizes were checked while the files arrived.)"""
     pixels = []
     for number, data in enumerate(files, start=1):
         try:
-            pixels.append(upload_pixels(data, max_pixels=settings.storage.max_image_pixels))
+            max_pixels = settings.storage.max_image_pixels
+            pixels.append(upload_pixels(data, max_pixels=max_pixels, spec=spec))
         except ImageRejected as error:
             raise HTTPException(
                 400, f"File {number}: {error}" if numbered else str(error)
@@ -233,11 +240,12 @@ async def read_job(
         float, Query(ge=0, description="Long poll: seconds to wait for the end (capped)")
     ] = 0.0,
 ) -> Response:
-    job = await read_owned_job(store, job_id, owner)  # after FastAPI checked ``wait``
-    if job.status.is_final or wait <= 0:
+    if wait <= 0:
+        job = await read_owned_job(store, job_id, owner)  # after FastAPI checked ``wait``
         return Response(job.public_json(), media_type=JSON)
     deadline = time.monotonic() + min(wait, settings.api.max_wait_s)
-    with events.watch(job) as waiter:  # shared with every other waiter of this job
+    with events.watch(job_id) as waiter:  # shared with every other waiter of this job
+        waiter.seed(await read_owned_job(store, job_id, owner))
         while True:
             watch = waiter.watch
             if watch.gone:
@@ -262,9 +270,18 @@ async def read_job(
     response_class=StreamingResponse,
     summary="Follow a job as Server-Sent Events until it ends",
 )
-async def job_events(job: ReadableJob, events: EventsDep) -> StreamingResponse:
+async def job_events(
+    job_id: str, owner: Caller, store: StoreDep, events: EventsDep
+) -> StreamingResponse:
+    watching = contextlib.ExitStack()  # left when the stream ends
+    waiter = watching.enter_context(events.watch(job_id))  # before the read, as a long poll
+    try:
+        waiter.seed(await read_owned_job(store, job_id, owner))
+    except BaseException:
+        watching.close()
+        raise
     return StreamingResponse(
-        _event_stream(events, job),
+        _event_stream(watching, waiter),
         media_type="text/event-stream",
         headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"},
     )
@@ -274,10 +291,10 @@ def _sse(event: str, data: str) -> str:
     return f"event: {event}\ndata: {data}\n\n"
 
 
-async def _event_stream(events: JobEvents, job: JobRecord) -> AsyncIterator[str]:
+async def _event_stream(watching: contextlib.ExitStack, waiter: Waiter) -> AsyncIterator[str]:
     ends_at = time.monotonic() + STREAM_MAX_S
     last = ""
-    with events.watch(job) as waiter:  # shared with every other waiter of this job
+    with watching:  # shared with every other waiter of this job; left when the stream ends
         while True:
             watch = waiter.watch
             if watch.unreadable:

@@ -105,6 +105,67 @@ def decode_upload(data: bytes, *, max_pixels: int) -> DecodedImage:
     return DecodedImage(image=rgb, format=image_format, width=width, height=height)
 
 
+@dataclass(frozen=True)
+class InputSpec:
+    """What a CLIP checkpoint's image processor makes of an image before normalising it:
+    the short side resized to ``shortest_edge`` (with ``resample``), then the centre
+    ``crop_height`` x ``crop_width`` kept. Workers announce theirs (worker.heartbeat)."""
+
+    shortest_edge: int
+    crop_height: int
+    crop_width: int
+    resample: int = Image.Resampling.BICUBIC
+
+    def as_dict(self) -> dict[str, int]:
+        return {
+            "shortest_edge": self.shortest_edge,
+            "crop_height": self.crop_height,
+            "crop_width": self.crop_width,
+            "resample": int(self.resample),
+        }
+
+    @classmethod
+    def from_dict(cls, raw: object) -> InputSpec | None:
+        """The spec a worker announced, or None if it is missing or not plausible."""
+        if not isinstance(raw, dict):
+            return None
+        try:
+            spec = cls(
+                shortest_edge=int(raw["shortest_edge"]),
+                crop_height=int(raw["crop_height"]),
+                crop_width=int(raw["crop_width"]),
+                resample=int(raw.get("resample", Image.Resampling.BICUBIC)),
+            )
+        except (KeyError, TypeError, ValueError):
+            return None
+        sides = (spec.shortest_edge, spec.crop_height, spec.crop_width)
+        if not all(16 <= side <= 1024 for side in sides) or spec.resample not in range(6):
+            return None
+        return spec
+
+
+def model_input(image: Image.Image, spec: InputSpec) -> Image.Image:
+    """Resize and crop exactly as CLIP's image processor does (same sizes, same rounding, the
+    same Pillow resampling), leaving only the normalisation to the model's side."""
+    width, height = image.size
+    short, long = (width, height) if width <= height else (height, width)
+    new_long = int(spec.shortest_edge * long / short)
+    size = (spec.shortest_edge, new_long) if width <= height else (new_long, spec.shortest_edge)
+    if size != image.size:
+        image = image.resize(size, resample=Image.Resampling(spec.resample))
+    if image.size == (spec.crop_width, spec.crop_height):
+        return image
+    top = (image.height - spec.crop_height) // 2
+    left = (image.width - spec.crop_width) // 2
+    if top < 0 or left < 0:  # a crop larger than the resized image: the processor pads
+        canvas = Image.new(
+            "RGB", (max(image.width, spec.crop_width), max(image.height, spec.crop_height))
+        )
+        canvas.paste(image, (max(0, -left), max(0, -top)))
+        image, top, left = canvas, max(0, top), max(0, left)
+    return image.crop((left, top, left + spec.crop_width, top + spec.crop_height))
+
+
 def centre_square(image: Image.Image) -> Image.Image:
     """The largest centred square: the part of an image CLIP looks at (it resizes the short
     side, then keeps the centre square)."""
@@ -139,9 +200,16 @@ def decode_pixels(data: bytes) -> Image.Image:
     return Image.frombytes("RGB", (width, height), bytes(body))
 
 
-def upload_pixels(data: bytes, *, max_pixels: int) -> bytes:
-    """Decode an upload (or refuse it) and return the pixels its job keeps."""
-    return encode_pixels(centre_square(decode_upload(data, max_pixels=max_pixels).image))
+def upload_pixels(data: bytes, *, max_pixels: int, spec: InputSpec | None = None) -> bytes:
+    """Decode an upload (or refuse it) and return the pixels its job keeps: with the workers'
+    ``spec``, exactly what their model takes (an image smaller than that is kept as it is, the
+    worker enlarges it); without, the centre square of the decoded image."""
+    image = decode_upload(data, max_pixels=max_pixels).image
+    if spec is None:
+        return encode_pixels(centre_square(image))
+    if min(image.size) <= spec.shortest_edge:
+        return encode_pixels(image)
+    return encode_pixels(model_input(image, spec))
 
 
 def stored_image(data: bytes, *, max_pixels: int) -> Image.Image:

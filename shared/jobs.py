@@ -11,13 +11,14 @@ from __future__ import annotations
 import json
 import re
 import secrets
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from typing import Any
 
 import redis
 import redis.asyncio as aioredis
+from redis.exceptions import NoScriptError
 
 from shared.schemas import Job, JobKind, JobResult, JobStage, JobStatus
 from shared.settings import FASHION_MNIST
@@ -259,17 +260,42 @@ class JobStore:
         data = self.client.get(self.keys.upload(job_id))
         return data if isinstance(data, bytes) else None
 
+    def _pipelined(self, build: Callable[[Any], object]) -> list[Any]:
+        """Queue commands with ``build(pipe)`` and run them in one round trip.
+
+        Scripts go in by their SHA (EVALSHA), without redis-py's check that they are loaded,
+        which costs a round trip of its own on every pipeline; when Redis does not know them
+        (it restarted), they are loaded and the pipeline runs once more (a script that is
+        refused did not run)."""
+        for attempt in (1, 2):
+            with self.client.pipeline(transaction=False) as pipe:
+                build(pipe)
+                try:
+                    return list(pipe.execute())
+                except NoScriptError:
+                    if attempt == 2:
+                        raise
+                    for script in (self._start, self._stage, self._finish):
+                        self.client.script_load(script.script)
+        raise AssertionError("unreachable")
+
+    @staticmethod
+    def _evalsha(pipe: Any, script: Any, keys: Sequence[str], args: Sequence[Any]) -> None:
+        pipe.evalsha(script.sha, len(keys), *keys, *args)
+
     def start_many(self, job_ids: Sequence[str], *, worker: str) -> list[Started]:
         """Start several jobs in one round trip: each attempt, record and upload."""
         moment = now()
-        with self.client.pipeline(transaction=False) as pipe:
+
+        def build(pipe: Any) -> None:
             for job_id in job_ids:
                 keys = [self.keys.job(job_id), self.keys.events(job_id), self.keys.pending]
                 args: list[str | float] = [job_id, moment.isoformat(), worker, moment.timestamp()]
-                self._start(keys=keys, args=args, client=pipe)
+                self._evalsha(pipe, self._start, keys, args)
                 pipe.hgetall(self.keys.job(job_id))
                 pipe.get(self.keys.upload(job_id))
-            replies = pipe.execute()
+
+        replies = self._pipelined(build)
         started = []
         for i, job_id in enumerate(job_ids):
             attempt, raw, upload = replies[3 * i : 3 * i + 3]
@@ -294,14 +320,13 @@ class JobStore:
         """Note the stage of running jobs, in one round trip for all."""
         if not job_ids:
             return
-        with self.client.pipeline(transaction=False) as pipe:
+
+        def build(pipe: Any) -> None:
             for job_id in job_ids:
-                self._stage(
-                    keys=[self.keys.job(job_id), self.keys.events(job_id)],
-                    args=[stage.value],
-                    client=pipe,
-                )
-            pipe.execute()
+                keys = [self.keys.job(job_id), self.keys.events(job_id)]
+                self._evalsha(pipe, self._stage, keys, [stage.value])
+
+        self._pipelined(build)
 
     def succeed(self, job_id: str, result: JobResult) -> bool:
         """Store the result unless the job already ended; True when this call ended it."""
@@ -327,9 +352,9 @@ class JobStore:
         with its TTL, only for the result picture).
         """
         moment = now().isoformat()
-        with self.client.pipeline(transaction=False) as pipe:
+
+        def build(pipe: Any) -> None:
             for job_id, result, _ in results:
-                keys = self._end_keys(job_id)
                 args = [
                     job_id,
                     JobStatus.SUCCEEDED.value,
@@ -337,11 +362,12 @@ class JobStore:
                     "result",
                     result.model_dump_json(),
                 ]
-                self._finish(keys=keys, args=args, client=pipe)
+                self._evalsha(pipe, self._finish, self._end_keys(job_id), args)
             for job_id, _, small in results:
                 if small is not None:  # only where the upload still exists, with its TTL
                     pipe.set(self.keys.upload(job_id), small, xx=True, keepttl=True)
-            replies = pipe.execute()
+
+        replies = self._pipelined(build)
         return [int(reply) == 1 for reply in replies[: len(results)]]
 
     def _end_keys(self, job_id: str) -> list[str]:

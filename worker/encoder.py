@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import torch
 from PIL import Image
 from transformers import (
@@ -32,8 +33,17 @@ from transformers import (
 from transformers.utils import logging as hf_logging
 
 from shared.errors import ModelLoadError
+from shared.images import InputSpec
 from shared.schemas import Embeddings
 from shared.settings import RANDOM_MODEL_PREFIX, ModelSettings
+from worker.preprocess import (
+    PIL_TORCH,
+    PROCESSOR,
+    TORCH,
+    Preprocessing,
+    as_array,
+    tensor_input,
+)
 
 try:  # transformers 5: the PIL implementation needs no torchvision
     from transformers import CLIPImageProcessorPil as _PilProcessor
@@ -52,6 +62,7 @@ RANDOM_SEED = 0
 CONVERSION = "lookalike-rgb-v1"  # shared.images.to_rgb; bump when it changes
 EQUIVALENCE_MIN_COSINE = 0.99
 FAST_MIN_COSINE = 0.995
+PREPROCESS_MIN_COSINE = 0.999
 # int8 on CPU is fastest in forward passes of a few images: its activations then stay in
 # cache (on the 2-core development machine: 64 img/s alone, 100 img/s by 8, 55 img/s by 32;
 # `lookalike bench --model-only` prints it). Larger batches are cut into passes of this size.
@@ -99,6 +110,19 @@ class ClipImageEncoder:
     is_random: bool
     notes: list[str] = field(default_factory=list)
     max_forward: int | None = None
+    steps: Preprocessing | None = None
+    path: str = PROCESSOR  # how images become pixels (worker.preprocess), once checked
+    path_note: str = ""  # why that path: its check against the processor
+
+    def __post_init__(self) -> None:
+        if self.steps is None:
+            self.steps = Preprocessing.of(self.processor)
+
+    @property
+    def input_spec(self) -> InputSpec | None:
+        """What the processor makes of an image before normalising it (announced to the API,
+        which stores job images at this size)."""
+        return self.steps.spec if self.steps is not None else None
 
     @property
     def dim(self) -> int:
@@ -147,8 +171,31 @@ class ClipImageEncoder:
         features = torch.nn.functional.normalize(features, dim=-1)
         return np.ascontiguousarray(features.cpu().numpy(), dtype=np.float32)
 
+    def input_pixels(
+        self, images: Sequence[Image.Image], *, path: str | None = None
+    ) -> torch.Tensor:
+        """The model's input for RGB images, by ``path`` (the checked one by default)."""
+        path = path or self.path
+        if path == PROCESSOR or self.steps is None:
+            return self.pixels(images)
+        if path == PIL_TORCH:
+            arrays = [self.steps.prepare(image) for image in images]
+            return tensor_input(self.steps, arrays, device=self.device, on_device=False)
+        arrays = [as_array(image) for image in images]
+        return tensor_input(self.steps, arrays, device=self.device, on_device=True)
+
+    def embed_arrays(
+        self, arrays: Sequence[npt.NDArray[np.uint8]], *, prepared: bool
+    ) -> Embeddings:
+        """Embed HxWx3 uint8 arrays: already resized and cropped (``prepared``, by
+        :meth:`Preprocessing.prepare` in a loader process), or raw (resized here, on the
+        device). For the fast paths only; an encoder on the processor path takes images."""
+        assert self.steps is not None and self.path != PROCESSOR
+        pixels = tensor_input(self.steps, arrays, device=self.device, on_device=not prepared)
+        return self.embed_pixels(pixels)
+
     def embed(self, images: Sequence[Image.Image]) -> Embeddings:
-        return self.embed_pixels(self.pixels(images))
+        return self.embed_pixels(self.input_pixels(images))
 
 
 def _load_processor(name: str) -> Any:
@@ -200,6 +247,7 @@ def load_encoder(
     *,
     probe_images: Sequence[Image.Image] = (),
     probe_pixels: torch.Tensor | None = None,
+    preprocess_probes: Sequence[Image.Image] = (),
 ) -> ClipImageEncoder:
     """Load CLIP's image tower once; raise :class:`ModelLoadError` naming LOOKALIKE_MODEL.
 
@@ -249,6 +297,11 @@ def load_encoder(
         dtype=dtype,
         precision="fp16" if dtype == torch.float16 else "fp32",
         is_random=name.startswith(RANDOM_MODEL_PREFIX),
+    )
+    # The preprocessing is checked on the model as loaded (fp32 on a CPU): a faster path of
+    # the model itself (int8) would add its own noise to the comparison.
+    choose_preprocessing(
+        encoder, [*probe_images, *preprocess_probes, *_synthetic_probes()], mode=settings.preprocess
     )
     if device == "cpu" and settings.fast_cpu != "off":
         probes = [encoder.pixels(probe_images)] if probe_images else []
@@ -334,13 +387,64 @@ def choose_cpu_paths(encoder: ClipImageEncoder, pixels: torch.Tensor, *, mode: s
         log.info(note)
 
 
+# Sizes the preprocessing check must cover besides the galleries' own images: smaller than the
+# model's input (enlarged), about its size, photos (reduced), wide and tall (cropped).
+SYNTHETIC_SIZES = ((96, 96), (28, 28), (224, 224), (640, 480), (300, 900), (1000, 250))
+
+
 def _synthetic_probes(count: int = 8) -> list[Image.Image]:
     rng = np.random.default_rng(0)
     probes = []
-    for _ in range(count):
+    for number in range(count):
         base = rng.integers(0, 256, size=(8, 8, 3), dtype=np.uint8)
-        probes.append(Image.fromarray(base).resize((96, 96), Image.Resampling.BICUBIC))
+        size = SYNTHETIC_SIZES[number % len(SYNTHETIC_SIZES)]
+        probes.append(Image.fromarray(base).resize(size, Image.Resampling.BICUBIC))
     return probes
+
+
+def default_path(device: str) -> str:
+    """Batched torch on a GPU; on a CPU, Pillow resizes (much faster there) and torch
+    normalises in batches."""
+    return TORCH if device.startswith("cuda") else PIL_TORCH
+
+
+def choose_preprocessing(
+    encoder: ClipImageEncoder, probes: Sequence[Image.Image], *, mode: str
+) -> None:
+    """Use the faster preprocessing path (``mode``, or the device's default for ``auto``) only
+    if its embeddings of the probes agree with the processor's to cosine >=
+    ``PREPROCESS_MIN_COSINE``; else keep the processor and say why (``path_note``, which the
+    worker announces in /readyz, and the log)."""
+    path = default_path(encoder.device) if mode == "auto" else mode
+    if path == PROCESSOR:
+        encoder.path = PROCESSOR
+        encoder.path_note = "preprocessing: the image processor (LOOKALIKE_PREPROCESS)"
+        return
+    if encoder.steps is None:
+        encoder.path = PROCESSOR
+        encoder.path_note = (
+            "preprocessing: the image processor (its steps are not CLIP's resize, crop and "
+            "normalise)"
+        )
+        log.warning(encoder.path_note)
+        return
+    reference = encoder.embed_pixels(encoder.pixels(probes))
+    candidate = encoder.embed_pixels(encoder.input_pixels(probes, path=path))
+    worst = float(np.min(np.sum(reference * candidate, axis=1)))
+    if worst >= PREPROCESS_MIN_COSINE:
+        encoder.path = path
+        encoder.path_note = (
+            f"preprocessing: {path}, min cosine {worst:.5f} with the image processor on "
+            f"{len(probes)} probes"
+        )
+        log.info(encoder.path_note)
+        return
+    encoder.path = PROCESSOR
+    encoder.path_note = (
+        f"preprocessing: the image processor ({path} refused: min cosine {worst:.5f} < "
+        f"{PREPROCESS_MIN_COSINE} on {len(probes)} probes)"
+    )
+    log.warning(encoder.path_note)
 
 
 def first_line(error: BaseException) -> str:

@@ -29,6 +29,7 @@ from worker.index import (
     load_index,
     load_probe_pixels,
     own_gallery_dirs,
+    probe_thumbnails,
 )
 from worker.text_encoder import ClipTextEncoder, load_text_encoder
 
@@ -99,12 +100,14 @@ def load_engine(settings: Settings, *, build_missing: bool = False) -> Engine:
     extras = own_gallery_dirs(gallery.index_dir, model_id=settings.model.name, exclude=gallery.name)
     # The start check of the faster CPU paths runs on real gallery images: the gallery's own
     # when it is built now, else the probes stored with every index this worker will serve.
-    stored = [load_probe_pixels(d) for d in ([] if source else [directory]) + extras]
+    served = ([] if source else [directory]) + extras
+    stored = [load_probe_pixels(d) for d in served]
     probes = [p for p in stored if p is not None]
     encoder = load_encoder(
         settings.model,
         probe_images=source.images(0, 8) if source is not None else (),
         probe_pixels=torch.cat(probes) if probes else None,
+        preprocess_probes=[image for d in served for image in probe_thumbnails(d)],
     )
     if source is not None:
         log.info("no index at %s: building it (%d images)", directory, len(source))

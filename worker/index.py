@@ -429,6 +429,15 @@ def load_index(
     return index
 
 
+def probe_thumbnails(directory: Path, count: int = 8) -> list[Image.Image]:
+    """The first images of an index's thumbnail pack: the gallery's own kind of image, for the
+    start-up check of the preprocessing (any built index has them)."""
+    if not ThumbnailPack.exists(directory / THUMBS):
+        return []
+    pack = ThumbnailPack(directory / THUMBS)
+    return [pack.image(i) for i in range(min(count, len(pack)))]
+
+
 def load_probe_pixels(directory: Path) -> torch.Tensor | None:
     """The stored probe pixels of an index, for the start-up precision check, if any."""
     path = directory / "probes.npy"

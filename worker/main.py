@@ -55,6 +55,9 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO") -> int:
         modes=engine.modes,
         device=engine.encoder.device,
         precision=engine.encoder.precision,
+        preprocessing=engine.encoder.path,
+        preprocessing_check=engine.encoder.path_note,
+        input=spec.as_dict() if (spec := engine.encoder.input_spec) else None,
         load_seconds=round(engine.load_seconds, 2),
     )
     # Ready once Celery consumes: /readyz must not promise a worker that cannot take jobs yet.

@@ -80,7 +80,8 @@ def test_a_thousand_long_polls_and_streams_on_one_job_all_get_its_end(
             )
             await asyncio.sleep(2.0)  # the long polls are all waiting by now
             busiest = await asyncio.to_thread(api_connections, client)
-            assert not any(task.done() for task in tasks)
+            finished = [task.result() for task in tasks if task.done()]
+            assert not finished, finished[:3]
             await asyncio.to_thread(store.fail, job_id, "ended for the test")
             return await asyncio.wait_for(asyncio.gather(*tasks), timeout=90), busiest
 

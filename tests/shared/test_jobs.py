@@ -8,7 +8,7 @@ import pytest
 import redis
 
 from shared.jobs import JobStore, is_job_id, new_job_id
-from shared.schemas import GalleryInfo, JobResult, JobStatus, Match, Timings
+from shared.schemas import GalleryInfo, JobResult, JobStage, JobStatus, Match, Timings
 
 PREFIX = "lookalike-test"
 TTL_S = 600
@@ -343,3 +343,28 @@ def test_start_many_reads_attempt_record_and_upload_in_one_go(store: JobStore) -
     assert [(s.attempt, s.upload) for s in started] == [(1, b"one"), (-1, None), (-2, None)]
     assert started[0].job is not None and started[0].job.status == JobStatus.RUNNING
     assert started[0].job.stage is not None
+
+
+def test_jobs_start_and_end_after_redis_forgot_its_scripts(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
+    """A restarted Redis knows no scripts: the batch calls load them and run once more."""
+    job_id = new_job_id()
+    store.create(job_id, upload=b"x", k=5)
+    redis_client.script_flush()
+    (started,) = store.start_many([job_id], worker="w")
+    assert started.attempt == 1
+    redis_client.script_flush()
+    store.set_stage([job_id], JobStage.EMBEDDING)
+    assert store.get(job_id).stage == JobStage.EMBEDDING  # type: ignore[union-attr]
+    redis_client.script_flush()
+    result = JobResult(
+        matches=[],
+        model="m",
+        model_is_random=True,
+        gallery=GalleryInfo(name="g", size=1),
+        device="cpu",
+        worker="w",
+        timings=Timings(queue_wait_ms=0, decode_ms=0, embed_ms=0, search_ms=0, total_ms=0),
+    )
+    assert store.succeed_many([(job_id, result, None)]) == [True]
