@@ -21,8 +21,9 @@ from redis.exceptions import RedisError
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 from api import openapi
+from api.backlog import Backlog
 from api.deps import STORE_DOWN, AppState
-from api.enqueue import Enqueuer
+from api.enqueue import TaskMessages
 from api.events import SHUTDOWN_S, JobEvents
 from api.fleet import Fleet
 from api.health import router as health_router
@@ -33,7 +34,7 @@ from api.pictures import router as pictures_router
 from api.routes import DECODE_SLOTS, router
 from api.thumbnails import GalleryImages
 from api.uploads import BAD_GALLERY, BAD_K, BAD_WAIT
-from shared.celery_config import make_celery
+from shared.celery_config import make_celery, search_queues
 from shared.jobs import AsyncJobStore
 from shared.metrics import Metrics
 from shared.redis_clients import async_client, sync_client
@@ -60,7 +61,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             prefix=settings.storage.key_prefix,
         )
         metrics.start()
-        enqueuer = Enqueuer(make_celery(settings, name="lookalike-api"))
+        celery = make_celery(settings, name="lookalike-api")
         app.state.lookalike = AppState(
             settings=settings,
             store=store,
@@ -68,13 +69,14 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             fleet=Fleet(store),
             metrics=metrics,
             gallery_images=GalleryImages(settings.gallery.index_dir),
-            enqueuer=enqueuer,
+            messages=TaskMessages(celery),
+            backlog=Backlog(store, search_queues(settings), limit=settings.broker.max_queued),
             decode_slots=asyncio.Semaphore(DECODE_SLOTS),
         )
         try:
             yield
         finally:
-            enqueuer.close()
+            celery.close()
             await events.stop()
             await asyncio.to_thread(metrics.stop)
             metrics.client.close()

@@ -1,7 +1,9 @@
 """What a route needs, as typed dependencies (the full-stack template's ``deps.py``).
 
 The lifespan (api.app) builds one :class:`AppState`; the providers below are the only code
-that reads ``request.app.state``. A route's signature says what it uses
+that reads ``request.app.state``. They are ``async def`` on purpose: FastAPI runs a plain
+``def`` dependency in its thread pool, a thread hand-off per dependency per request (it was a
+fifth of the API's CPU per job). A route's signature says what it uses
 (``store: StoreDep``, ``owner: Caller``, ``job: ReadableJob``), authentication is declared
 rather than called, and a test can swap any of them with ``app.dependency_overrides``.
 """
@@ -16,7 +18,8 @@ from typing import Annotated
 
 from fastapi import Depends, HTTPException, Request
 
-from api.enqueue import Enqueuer
+from api.backlog import Backlog
+from api.enqueue import TaskMessages
 from api.events import JobEvents
 from api.fleet import Fleet
 from api.thumbnails import GalleryImages
@@ -39,11 +42,12 @@ class AppState:
     fleet: Fleet
     metrics: Metrics
     gallery_images: GalleryImages
-    enqueuer: Enqueuer
+    messages: TaskMessages
+    backlog: Backlog
     decode_slots: asyncio.Semaphore
 
 
-def get_state(request: Request) -> AppState:
+async def get_state(request: Request) -> AppState:
     state: AppState = request.app.state.lookalike
     return state
 
@@ -51,31 +55,31 @@ def get_state(request: Request) -> AppState:
 State = Annotated[AppState, Depends(get_state)]
 
 
-def get_settings(state: State) -> Settings:
+async def get_settings(state: State) -> Settings:
     return state.settings
 
 
-def get_store(state: State) -> AsyncJobStore:
+async def get_store(state: State) -> AsyncJobStore:
     return state.store
 
 
-def get_events(state: State) -> JobEvents:
+async def get_events(state: State) -> JobEvents:
     return state.events
 
 
-def get_fleet(state: State) -> Fleet:
+async def get_fleet(state: State) -> Fleet:
     return state.fleet
 
 
-def get_metrics(state: State) -> Metrics:
+async def get_metrics(state: State) -> Metrics:
     return state.metrics
 
 
-def get_gallery_images(state: State) -> GalleryImages:
+async def get_gallery_images(state: State) -> GalleryImages:
     return state.gallery_images
 
 
-def get_decode_slots(state: State) -> asyncio.Semaphore:
+async def get_decode_slots(state: State) -> asyncio.Semaphore:
     """Images decoded or drawn at once by this process (uploads, pictures): bounds memory."""
     return state.decode_slots
 
@@ -109,7 +113,7 @@ def presented_key(request: Request) -> str | None:
     return request.headers.get("x-api-key")
 
 
-def api_key(request: Request, settings: SettingsDep) -> str | None:
+async def api_key(request: Request, settings: SettingsDep) -> str | None:
     """The owner id of the caller's key; None when keys are off; 401 when it is missing/wrong."""
     keys = settings.api.keys
     if not keys:

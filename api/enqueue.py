@@ -1,40 +1,57 @@
-"""Sending job tasks by name, off the event loop, from a few dedicated threads.
+"""Celery task messages for jobs, made without sending them.
 
-Celery's ``send_task`` blocks (a Redis LPUSH, retried while Redis is away), so it cannot run
-on the event loop. It runs on threads of its own rather than on the shared thread pool: the
-Celery app keeps per-thread state (its result backend, resolved through package metadata the
-first time) that is then built once per thread instead of once per request.
+A job's task message is written to its queue by the same Redis script that stores the job
+(shared.jobs.AsyncJobStore.submit): the queue-length check, the job record, its pixels and its
+message are one atomic step and one round trip, and a job is never stored without its message
+or queued without its record.
+
+The message is exactly what ``Celery.send_task`` puts in the Redis list: Celery builds the
+task's headers and body (``app.amqp.as_task_v2``, protocol 2), kombu serialises the body and
+wraps it as its Redis transport does (tests/api/test_enqueue.py compares the two, field by
+field, against the pinned Celery and kombu). Sending through Celery instead cost a thread
+hand-off (its producer blocks), a look-up of the queue's bindings and a push: two more round
+trips per job, and about 0.6 ms of the API's CPU per job (docs/benchmarks.md).
 """
 
 from __future__ import annotations
 
-import asyncio
-from collections.abc import Sequence
-from concurrent.futures import ThreadPoolExecutor
+import base64
+import uuid
 from typing import Any
+
+from kombu.serialization import dumps as serialise
+from kombu.utils.json import dumps as envelope
 
 from shared.celery_config import SEARCH_TASK
 
-THREADS = 2
 
-
-class Enqueuer:
-    def __init__(self, celery: Any, *, threads: int = THREADS) -> None:
+class TaskMessages:
+    def __init__(self, celery: Any) -> None:
         self.celery = celery
-        self._pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="enqueue")
+        self._reply_to = str(uuid.uuid4())  # Celery's per-app "oid" plays this part
 
-    async def send(self, job_ids: Sequence[str], *, queue: str) -> None:
-        """Enqueue one search task per job (task id = job id); kombu errors propagate."""
-        loop = asyncio.get_running_loop()
-        await loop.run_in_executor(self._pool, self._send, list(job_ids), queue)
-
-    def _send(self, job_ids: list[str], queue: str) -> None:
-        with self.celery.producer_or_acquire() as producer:
-            for job_id in job_ids:
-                self.celery.send_task(
-                    SEARCH_TASK, args=[job_id], task_id=job_id, queue=queue, producer=producer
-                )
-
-    def close(self) -> None:
-        self._pool.shutdown(wait=False, cancel_futures=True)
-        self.celery.close()  # its producer pool's connections
+    def search(self, job_id: str, *, queue: str) -> bytes:
+        """The message of the search task for ``job_id`` (task id = job id) on ``queue``."""
+        message = self.celery.amqp.as_task_v2(
+            job_id, SEARCH_TASK, args=[job_id], kwargs={}, reply_to=self._reply_to
+        )
+        content_type, content_encoding, body = serialise(message.body, serializer="json")
+        raw = body.encode() if isinstance(body, str) else body
+        return str(
+            envelope(
+                {
+                    "body": base64.b64encode(raw).decode(),
+                    "content-encoding": content_encoding,
+                    "content-type": content_type,
+                    "headers": message.headers,
+                    "properties": {
+                        **message.properties,
+                        "delivery_mode": 2,
+                        "delivery_info": {"exchange": "", "routing_key": queue},
+                        "priority": 0,
+                        "body_encoding": "base64",
+                        "delivery_tag": str(uuid.uuid4()),
+                    },
+                }
+            )
+        ).encode()

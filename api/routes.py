@@ -11,7 +11,6 @@ from typing import Annotated
 from fastapi import APIRouter, HTTPException, Query, Request, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
-from kombu.exceptions import OperationalError
 
 from api.deps import (
     JOB_NOT_FOUND,
@@ -40,20 +39,20 @@ from api.uploads import (
 from shared.celery_config import job_queue, search_queues
 from shared.errors import ImageRejected
 from shared.images import InputSpec, upload_pixels
-from shared.jobs import NewJob, new_job_id
+from shared.jobs import JobRecord, NewJob, new_job_id
 from shared.logs import job_fields
-from shared.schemas import Job, Problem
+from shared.schemas import Job, JobKind, Problem
 from shared.settings import GALLERY_NAME, MAX_K, Settings
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
 QUEUE_FULL = "Too many jobs are waiting; retry shortly."
-QUEUE_DOWN = "The job queue is unavailable; retry shortly."
 UNKNOWN_GALLERY = "Unknown gallery {name!r}: GET /galleries lists them."
 DECODE_SLOTS = 4  # uploads decoded at once per API process: bounds memory under load
 TEXT_OFF = "Text search is off on every worker (LOOKALIKE_TEXT_SEARCH=off)."
 KEEPALIVE_S = 15.0
+JSON = "application/json"
 STREAM_MAX_S = 600.0
 
 # Read as text and parsed by api.uploads, like the same fields of a form or a JSON body.
@@ -83,12 +82,11 @@ GalleryName = Annotated[
 )
 async def create_job(
     request: Request,
-    response: Response,
     state: State,
     owner: Caller,
     k: K = None,
     gallery: GalleryName = None,
-) -> Job:
+) -> Response:
     submission = await read_submission(
         request,
         max_files=1,
@@ -100,9 +98,10 @@ async def create_job(
         raise HTTPException(400, FILE_OR_TEXT)
     if not submission.files and submission.text is None:
         raise HTTPException(422, NO_FILE)  # (a second file was refused while reading)
-    jobs = await _accept(state, submission, max_files=1, owner=owner)
-    response.headers["Location"] = f"/jobs/{jobs[0].id}"
-    return jobs[0]
+    (job,) = await _accept(state, submission, max_files=1, owner=owner)
+    return Response(
+        job.public_json(), status_code=202, media_type=JSON, headers={"Location": f"/jobs/{job.id}"}
+    )
 
 
 @router.post(
@@ -115,7 +114,7 @@ async def create_job(
 )
 async def create_batch(
     request: Request, state: State, owner: Caller, k: K = None, gallery: GalleryName = None
-) -> BatchAccepted:
+) -> Response:
     limit = state.settings.api.max_batch_files
     submission = await read_submission(
         request,
@@ -129,7 +128,8 @@ async def create_batch(
     if not 1 <= len(submission.files) <= limit:
         raise HTTPException(400, BATCH_FILES.format(n=limit))
     jobs = await _accept(state, submission, max_files=limit, owner=owner)
-    return BatchAccepted(jobs=jobs)
+    body = '{"jobs":[' + ",".join(job.public_json() for job in jobs) + "]}"
+    return Response(body, status_code=202, media_type=JSON)
 
 
 async def _accept(
@@ -138,7 +138,7 @@ async def _accept(
     *,
     max_files: int,
     owner: str | None,
-) -> list[Job]:
+) -> list[JobRecord]:
     """Validate, store and enqueue the jobs of a submission; all of them or none."""
     settings, store = state.settings, state.store
     view = await state.fleet.view()
@@ -146,12 +146,10 @@ async def _accept(
     # The workers' default gallery, when they agree on one: it is theirs to choose.
     gallery_name = submission.gallery or view.default_gallery or settings.gallery.name
     _check_servable(view, gallery_name, text=submission.text is not None)
-    count = max(1, len(submission.files))
-    queued = await store.queue_length(*search_queues(settings))
-    if queued + count > settings.broker.max_queued:
+    if await state.backlog.full(len(uploads_of(submission))):
         raise HTTPException(429, QUEUE_FULL, headers={"Retry-After": "2"})
-    # Decoding is the costly check (memory and CPU): last, and a few at a time. What is kept
-    # is what the model looks at, so the worker decodes nothing.
+    # Decoding is the costly check (memory and CPU): a few at a time. What is kept is what the
+    # model takes, so the worker decodes nothing.
     async with state.decode_slots:
         pixels = await run_in_threadpool(
             _decode_images,
@@ -172,14 +170,17 @@ async def _accept(
         )
         for upload in uploads
     ]
-    records = await store.create(new)
-    try:
-        queue = job_queue(settings, records[0].kind)
-        await state.enqueuer.send([job.job_id for job in new], queue=queue)
-    except OperationalError:
-        await store.discard([job.job_id for job in new])
-        log.warning("could not enqueue %d job(s): Redis unavailable", len(new))
-        raise HTTPException(503, QUEUE_DOWN, headers={"Retry-After": "5"}) from None
+    queue = job_queue(settings, JobKind.TEXT if submission.text is not None else JobKind.IMAGE)
+    records = await store.submit(
+        new,
+        queue=queue,
+        messages=[state.messages.search(job.job_id, queue=queue) for job in new],
+        waiting=search_queues(settings),
+        max_waiting=settings.broker.max_queued,
+    )
+    if records is None:
+        state.backlog.saw_full()
+        raise HTTPException(429, QUEUE_FULL, headers={"Retry-After": "2"})
     for record in records:
         state.metrics.inc("lookalike_jobs_submitted_total", {"kind": record.kind.value})
         log.info(
@@ -190,7 +191,12 @@ async def _accept(
             record.gallery,
             extra=job_fields(record.id, stage="accept", kind=record.kind.value),
         )
-    return [record.public() for record in records]
+    return records
+
+
+def uploads_of(submission: Submission) -> list[bytes] | list[None]:
+    """One job per file, or one text job."""
+    return list(submission.files) or [None]
 
 
 def _decode_images(
@@ -219,9 +225,6 @@ def _check_servable(view: FleetView, gallery: str, *, text: bool) -> None:
         raise HTTPException(422, UNKNOWN_GALLERY.format(name=gallery))
     if text and not view.modes["text"]:
         raise HTTPException(422, TEXT_OFF)
-
-
-JSON = "application/json"
 
 
 @router.get(

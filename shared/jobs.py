@@ -37,7 +37,7 @@ end
 if status == 'succeeded' or status == 'failed' then return -1 end
 local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[3],
-  'stage', 'decoding')
+  'stage', ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
 redis.call('PUBLISH', KEYS[2], 'running')
 return attempts
@@ -66,6 +66,36 @@ redis.call('HDEL', KEYS[1], 'stage')
 if ARGV[2] == 'failed' then redis.call('DEL', KEYS[4]) end
 redis.call('ZREM', KEYS[3], ARGV[1])
 redis.call('PUBLISH', KEYS[2], ARGV[2])
+return 1
+"""
+
+
+# Accept jobs, all of them or none: refuse (0) if the waiting queues would pass the cap, else
+# store each record (a JSON object of strings), its pixels and its pending entry, and push its
+# task message on the queue; one atomic step.
+# KEYS: the pending set, the queue, the W queues that count as waiting, then per job its hash
+# and its upload key. ARGV: the cap, the TTL, W, then per job: id, creation time (score),
+# record, pixels ('' for none), task message.
+_SUBMIT = """
+local w = tonumber(ARGV[3])
+local n = (#KEYS - 2 - w) / 2
+local waiting = 0
+for i = 3, 2 + w do waiting = waiting + redis.call('LLEN', KEYS[i]) end
+if waiting + n > tonumber(ARGV[1]) then return 0 end
+local ttl = tonumber(ARGV[2])
+for j = 0, n - 1 do
+  local job, upload, a = KEYS[3 + w + 2 * j], KEYS[4 + w + 2 * j], 4 + 5 * j
+  local fields = {}
+  for field, value in pairs(cjson.decode(ARGV[a + 2])) do
+    fields[#fields + 1] = field
+    fields[#fields + 1] = value
+  end
+  redis.call('HSET', job, unpack(fields))
+  redis.call('EXPIRE', job, ttl)
+  if ARGV[a + 3] ~= '' then redis.call('SET', upload, ARGV[a + 3], 'EX', ttl) end
+  redis.call('ZADD', KEYS[1], ARGV[a + 1], ARGV[a])
+  redis.call('LPUSH', KEYS[2], ARGV[a + 4])
+end
 return 1
 """
 
@@ -290,7 +320,13 @@ class JobStore:
         def build(pipe: Any) -> None:
             for job_id in job_ids:
                 keys = [self.keys.job(job_id), self.keys.events(job_id), self.keys.pending]
-                args: list[str | float] = [job_id, moment.isoformat(), worker, moment.timestamp()]
+                args: list[str | float] = [
+                    job_id,
+                    moment.isoformat(),
+                    worker,
+                    moment.timestamp(),
+                    JobStage.EMBEDDING.value,
+                ]
                 self._evalsha(pipe, self._start, keys, args)
                 pipe.hgetall(self.keys.job(job_id))
                 pipe.get(self.keys.upload(job_id))
@@ -313,7 +349,13 @@ class JobStore:
         """Mark running and count the attempt; -1 if already final, -2 if gone."""
         moment = now()
         keys = [self.keys.job(job_id), self.keys.events(job_id), self.keys.pending]
-        args: list[str | float] = [job_id, moment.isoformat(), worker, moment.timestamp()]
+        args: list[str | float] = [
+            job_id,
+            moment.isoformat(),
+            worker,
+            moment.timestamp(),
+            JobStage.EMBEDDING.value,
+        ]
         return int(self._start(keys=keys, args=args))
 
     def set_stage(self, job_ids: Sequence[str], stage: JobStage) -> None:
@@ -386,13 +428,48 @@ class AsyncJobStore:
         self.client = client
         self.keys = Keys(prefix)
         self.ttl_s = ttl_s
+        self._submit = client.register_script(_SUBMIT)
 
-    async def create(self, jobs: Sequence[NewJob]) -> list[JobRecord]:
-        """Store new jobs (one, or a batch) in one transaction."""
-        async with self.client.pipeline(transaction=True) as pipe:
-            records = [_stage_create(pipe, self.keys, new, ttl_s=self.ttl_s) for new in jobs]
-            await pipe.execute()
-        return records
+    async def submit(
+        self,
+        jobs: Sequence[NewJob],
+        *,
+        queue: str,
+        messages: Sequence[bytes],
+        waiting: Sequence[str],
+        max_waiting: int,
+    ) -> list[JobRecord] | None:
+        """Store jobs and queue their task ``messages`` on ``queue``, in one atomic step;
+        None (nothing stored) when the ``waiting`` queues would hold more than
+        ``max_waiting`` messages."""
+        keys = [self.keys.pending, queue, *waiting]
+        args: list[str | bytes | int | float] = [max_waiting, self.ttl_s, len(waiting)]
+        records = []
+        for new, message in zip(jobs, messages, strict=True):
+            if (new.upload is None) == (new.text is None):
+                raise ValueError("a job has either an upload or a text")
+            created = now()
+            record = new_record(
+                new.job_id,
+                k=new.k,
+                created_at=created,
+                gallery=new.gallery,
+                text=new.text,
+                owner=new.owner,
+            )
+            keys += [self.keys.job(new.job_id), self.keys.upload(new.job_id)]
+            args += [
+                new.job_id,
+                created.timestamp(),
+                json.dumps(record),
+                new.upload or b"",
+                message,
+            ]
+            parsed = parse_record(record)
+            assert parsed is not None
+            records.append(parsed)
+        accepted = await self._submit(keys=keys, args=args)
+        return records if int(accepted) == 1 else None
 
     async def upload(self, job_id: str) -> bytes | None:
         data = await self.client.get(self.keys.upload(job_id))
@@ -400,13 +477,6 @@ class AsyncJobStore:
 
     async def get(self, job_id: str) -> JobRecord | None:
         return parse_record(await self.client.hgetall(self.keys.job(job_id)))
-
-    async def discard(self, job_ids: Sequence[str]) -> None:
-        async with self.client.pipeline(transaction=True) as pipe:
-            for job_id in job_ids:
-                pipe.delete(self.keys.job(job_id), self.keys.upload(job_id))
-                pipe.zrem(self.keys.pending, job_id)
-            await pipe.execute()
 
     async def queue_length(self, *queues: str) -> int:
         """Messages waiting in these queues (not those already handed to a worker)."""

@@ -32,11 +32,12 @@ class JobKind(StrEnum):
 
 
 class JobStage(StrEnum):
-    """Where a running job is: decoding its upload, then embedding it (the search that
-    follows takes well under a millisecond, the result is stored at once)."""
+    """Where a running job is. The API decoded the upload when it accepted it, so a worker
+    starts a job embedding it (the search that follows takes well under a millisecond, the
+    result is stored at once). ``decoding`` is only seen in records of earlier versions."""
 
-    DECODING = "decoding"
     EMBEDDING = "embedding"
+    DECODING = "decoding"
 
 
 class Match(BaseModel):

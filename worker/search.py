@@ -27,7 +27,6 @@ from shared.schemas import (
     GalleryInfo,
     JobKind,
     JobResult,
-    JobStage,
     Match,
     Timings,
     gallery_image_url,
@@ -100,7 +99,6 @@ def run_search_jobs(
     if not ready:
         return
     try:
-        store.set_stage([r.job.id for r in ready], JobStage.EMBEDDING)
         ready = _embed(engine, ready, store, context)
         if not ready:
             return

@@ -87,7 +87,9 @@ class HttpClient:
         message = head + b"\r\n" + body
         async with self._slots:
             for attempt in (1, 2):
-                from_pool = bool(self._idle)
+                # A retry opens a new connection: the other idle ones may be as stale (a
+                # server closes all its idle keep-alive connections at once after a pause).
+                from_pool = bool(self._idle) and attempt == 1
                 connection = self._idle.pop() if from_pool else await self._open()
                 try:
                     exchange = self._exchange(connection, message)

@@ -25,6 +25,7 @@ import redis
 from PIL import Image
 
 from api.deps import JOB_NOT_FOUND
+from api.edge import URL_TOO_LONG
 from api.limits import TOO_LARGE, TOO_SLOW, human_size
 from api.uploads import BAD_K, BAD_WAIT, MALFORMED, NO_FILE, ONE_FILE, TOO_MANY_FIELDS
 from lookalike.stack import Stack
@@ -367,11 +368,15 @@ def test_unknown_job_id_is_404(http: httpx.Client) -> None:
 
 @pytest.mark.parametrize(
     "job_id",
-    ["abc", "A" * 32, "0" * 31, "0" * 33, "g" * 32, "a" * 10_000],
-    ids=["short", "upper-case", "31-hex", "33-hex", "not-hex", "10kB"],
+    ["abc", "A" * 32, "0" * 31, "0" * 33, "g" * 32, "a" * 8_000],
+    ids=["short", "upper-case", "31-hex", "33-hex", "not-hex", "8kB"],
 )
 def test_malformed_job_id_is_404(http: httpx.Client, job_id: str) -> None:
     assert_refused(http.get(f"/jobs/{job_id}"), 404, JOB_NOT_FOUND)
+
+
+def test_a_job_id_past_the_url_limit_is_refused_at_the_edge(http: httpx.Client) -> None:
+    assert_refused(http.get("/jobs/" + "a" * 10_000), 414, URL_TOO_LONG)
 
 
 def test_path_traversal_job_id_is_404(http: httpx.Client) -> None:

@@ -18,6 +18,11 @@ def test_long_poll_wakes_for_a_job_that_ends_while_it_is_being_read(
     redis_client: redis.Redis, make_client: Callable[..., TestClient]
 ) -> None:
     client = make_client()
+    deadline = time.monotonic() + 10
+    while redis_client.pubsub_numpat() < 1:  # the event hub listens (and has read what it watches)
+        assert time.monotonic() < deadline
+        time.sleep(0.01)
+    time.sleep(0.1)
     sync_store = JobStore(redis_client, prefix="lookalike", ttl_s=600)
     job_id = "c" * 32
     sync_store.create(job_id, upload=b"never enqueued", k=5)

@@ -74,6 +74,7 @@ def test_fifty_concurrent_clients_get_no_5xx_and_every_accepted_job_ends(
                 "never_ended",
                 "throughput_jobs_per_s",
                 "latency_ms",
+                "errors",
             )
         },
     )
