@@ -83,11 +83,19 @@ def port_taken(host: str, port: int) -> str | None:
     return None
 
 
-def cmd_worker(args: argparse.Namespace) -> int:
+def cmd_worker(args: argparse.Namespace) -> int | str:
+    if args.processes < 1:
+        return "--processes must be at least 1"
+    load_settings()
+    if args.processes > 1:
+        from lookalike.serve import run_workers
+
+        return run_workers(args.processes, build_index=args.build_index, loglevel=args.loglevel)
     from worker.main import run_worker
 
-    load_settings()
-    return run_worker(build_missing=args.build_index, loglevel=args.loglevel)
+    return run_worker(
+        build_missing=args.build_index, loglevel=args.loglevel, only_build=args.only_build
+    )
 
 
 def cmd_index_build(args: argparse.Namespace) -> int | str:
@@ -110,7 +118,7 @@ def cmd_serve(args: argparse.Namespace) -> int:
 
 def cmd_bench(args: argparse.Namespace) -> int | str:
     """Load-test a running service over HTTP, or (``--model-only``) time the model here."""
-    for name in ("requests", "concurrency", "batch_size", "repeats"):
+    for name in ("requests", "concurrency", "batch_size", "repeats", "processes"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1"
     if args.warmup < 0 or args.timeout <= 0:
@@ -139,6 +147,7 @@ def cmd_bench(args: argparse.Namespace) -> int | str:
             warmup=args.warmup,
             data_dir=settings.gallery.data_dir,
             api_key=args.api_key,
+            processes=args.processes,
         )
         print(format_summary(report))
         code = exit_code(report)
@@ -204,6 +213,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--build-index", action="store_true", help="build the index first if it is missing"
     )
     worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument("--only-build", action="store_true", help=argparse.SUPPRESS)
+    worker.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="worker processes, each with its own model, sharing this machine's GPU (or CPU); "
+        "supervised by this one (default 1)",
+    )
     worker.set_defaults(func=cmd_worker)
 
     index = commands.add_parser("index", help="the gallery index")
@@ -259,6 +276,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--timeout", type=float, default=120.0, help="seconds a job may take to end (default 120)"
     )
     bench.add_argument("--warmup", type=int, default=1, help="untimed requests first (default 1)")
+    bench.add_argument(
+        "--processes",
+        type=int,
+        default=1,
+        help="client processes sharing the requests and the concurrency (default 1): one "
+        "process drives about a thousand requests a second",
+    )
     bench.add_argument(
         "--api-key",
         default=os.environ.get("LOOKALIKE_API_KEY"),

@@ -167,6 +167,32 @@ class SupervisedRedis:
         return self.server.process
 
 
+def run_workers(processes: int, *, build_index: bool, loglevel: str) -> int:
+    """``lookalike worker --processes N``: N worker processes on this machine, each its own
+    model and consumer, supervised like ``serve``'s parts. Several processes keep one GPU busy
+    where one process's Python (decoding messages, storing results) would leave it idle. With
+    ``--build-index`` a missing index is built once, first."""
+    if build_index:
+        built = subprocess.run(command("worker", "--build-index", "--only-build"), check=False)
+        if built.returncode:
+            return built.returncode
+    supervisor = Supervisor()
+    for number in range(1, processes + 1):
+        supervisor.run(Part(f"worker {number}", spawner("worker", "--loglevel", loglevel)))
+
+    def on_signal(signum: int, frame: object) -> None:
+        supervisor.stop()
+
+    signal.signal(signal.SIGINT, on_signal)
+    signal.signal(signal.SIGTERM, on_signal)
+    supervisor.wait()
+    supervisor.terminate_all()
+    if supervisor.failure is not None:
+        print(f"lookalike: stopping: {supervisor.failure}", file=sys.stderr)
+        return EXIT_FAILED
+    return 0
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     """API + one worker + Redis, on one machine, with nothing but pip packages."""
     load_settings()

@@ -54,7 +54,7 @@ class Stack:
             timeout=timeout,
         )
 
-    def _spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
+    def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"{name}.log").open("ab")
         return subprocess.Popen(
             [sys.executable, "-m", "lookalike", *args],
@@ -104,20 +104,20 @@ class Stack:
 
     def replace_worker(self, index: int) -> None:
         """Start a new worker in the slot of a dead one, as a supervisor would."""
-        self.workers[index] = self._spawn(f"worker{index}", "worker")
+        self.workers[index] = self.spawn(f"worker{index}", "worker")
 
     def worker_name(self, index: int) -> str:
         return f"{socket.gethostname()}:{self.workers[index].pid}"
 
     def start_worker(self) -> subprocess.Popen[bytes]:
-        process = self._spawn(f"worker{len(self.workers)}", "worker")
+        process = self.spawn(f"worker{len(self.workers)}", "worker")
         self.workers.append(process)
         return process
 
     def start_api(self, *args: str) -> None:
         """The API on a free port; ``args`` are more ``lookalike api`` flags (``--workers``)."""
         self.api_port = free_port()
-        self.api = self._spawn("api", "api", "--port", str(self.api_port), *args)
+        self.api = self.spawn("api", "api", "--port", str(self.api_port), *args)
 
     def wait_api(self, *, timeout: float = 60) -> None:
         """Wait for the API process to answer /healthz (workers or not)."""

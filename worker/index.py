@@ -28,7 +28,7 @@ import logging
 import re
 import shutil
 import time
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -54,7 +54,9 @@ from shared.galleries import (
 )
 from shared.images import to_rgb
 from shared.schemas import Embeddings
+from worker import loader
 from worker.encoder import EQUIVALENCE_MIN_COSINE, ClipImageEncoder
+from worker.preprocess import PIL_TORCH, PROCESSOR
 
 log = logging.getLogger(__name__)
 
@@ -179,6 +181,68 @@ class BuildParts:
         shutil.rmtree(self.path, ignore_errors=True)
 
 
+def embed_chunks(
+    encoder: ClipImageEncoder,
+    source: GallerySource,
+    chunks: Sequence[tuple[int, int]],
+    *,
+    batch_size: int,
+    processes: int = 0,
+    on_batch: Callable[[int], object] | None = None,
+) -> Iterator[tuple[int, npt.NDArray[np.float16], list[bytes]]]:
+    """Each chunk ``(start, stop)`` of the gallery as ``(start, embeddings, thumbnails)``, in
+    order, as soon as it is embedded.
+
+    On the fast preprocessing paths the images are decoded and prepared ahead by
+    ``processes`` loader processes (worker.loader) while the model embeds, in batches of
+    ``batch_size`` that may span chunks; on the processor path, image by image here.
+    """
+    if encoder.path == PROCESSOR:
+        for start, stop in chunks:
+            rows: list[Embeddings] = []
+            thumbnails: list[bytes] = []
+            for low in range(start, stop, batch_size):
+                images = source.images(low, min(low + batch_size, stop))
+                rows.append(encoder.embed(images))
+                thumbnails.extend(encode_thumbnail(image) for image in images)
+                if on_batch is not None:
+                    on_batch(len(images))
+            yield start, np.concatenate(rows).astype(STORED_DTYPE), thumbnails
+        return
+    bounds = list(chunks)
+    indices = [i for start, stop in bounds for i in range(start, stop)]
+    pending_rows: list[Embeddings] = []
+    pending_thumbs: list[bytes] = []
+    filled = 0
+    current = 0  # the chunk being filled
+    prepared = encoder.path == PIL_TORCH
+    for batch in loader.batches(
+        source,
+        indices,
+        batch_size=batch_size,
+        steps=encoder.steps,
+        path=encoder.path,
+        processes=processes,
+    ):
+        pending_rows.append(encoder.embed_arrays(batch.arrays, prepared=prepared))
+        pending_thumbs.extend(batch.thumbnails)
+        filled += len(batch.arrays)
+        if on_batch is not None:
+            on_batch(len(batch.arrays))
+        rows_so_far = np.concatenate(pending_rows)
+        pending_rows = [rows_so_far]
+        while current < len(bounds):
+            start, stop = bounds[current]
+            if filled < stop - start:
+                break
+            size = stop - start
+            yield start, rows_so_far[:size].astype(STORED_DTYPE), pending_thumbs[:size]
+            rows_so_far = rows_so_far[size:]
+            pending_rows, pending_thumbs = [rows_so_far], pending_thumbs[size:]
+            filled -= size
+            current += 1
+
+
 def embed_chunk(
     encoder: ClipImageEncoder,
     source: GallerySource,
@@ -188,17 +252,12 @@ def embed_chunk(
     batch_size: int,
     on_batch: Callable[[int], object] | None = None,
 ) -> tuple[npt.NDArray[np.float16], list[bytes]]:
-    """Embeddings and thumbnails of gallery images ``start`` to ``stop``, in batches."""
-    rows: list[Embeddings] = []
-    thumbnails: list[bytes] = []
-    for low in range(start, stop, batch_size):
-        high = min(low + batch_size, stop)
-        images = source.images(low, high)
-        rows.append(encoder.embed(images))
-        thumbnails.extend(encode_thumbnail(image) for image in images)
-        if on_batch is not None:
-            on_batch(high - low)
-    return np.concatenate(rows).astype(STORED_DTYPE), thumbnails
+    """Embeddings and thumbnails of gallery images ``start`` to ``stop``, here (a
+    distributed build's chunk, in a worker that must not fork)."""
+    ((_, embeddings, thumbnails),) = list(
+        embed_chunks(encoder, source, [(start, stop)], batch_size=batch_size, on_batch=on_batch)
+    )
+    return embeddings, thumbnails
 
 
 def open_build(
@@ -230,17 +289,24 @@ def build_index(
     directory: Path,
     batch_size: int,
     progress: bool = True,
+    loaders: int | None = None,
 ) -> Manifest:
-    """Embed every gallery image in batches, here, and save the index in ``directory``."""
+    """Embed every gallery image in batches, here, and save the index in ``directory``;
+    ``loaders`` processes decode ahead (default: by the device, worker.loader)."""
     started = time.perf_counter()
     parts, missing = open_build(encoder, source, directory)
     already = len(source) - sum(stop - start for start, stop in missing)
     bar = progress_bar(total=len(source), initial=already, enabled=progress)
+    processes = loader.loader_processes(encoder.device) if loaders is None else loaders
     try:
-        for start, stop in missing:
-            embeddings, thumbnails = embed_chunk(
-                encoder, source, start, stop, batch_size=batch_size, on_batch=bar.update
-            )
+        for start, embeddings, thumbnails in embed_chunks(
+            encoder,
+            source,
+            missing,
+            batch_size=batch_size,
+            processes=processes,
+            on_batch=bar.update,
+        ):
             parts.save(start, embeddings, thumbnails)
     finally:
         bar.close()

@@ -24,7 +24,7 @@ from worker.watchdog import Watchdog
 log = logging.getLogger("lookalike.worker")
 
 
-def run_worker(*, build_missing: bool, loglevel: str = "INFO") -> int:
+def run_worker(*, build_missing: bool, loglevel: str = "INFO", only_build: bool = False) -> int:
     import worker.celery_app as celery_app
     from worker.engine import get_engine
     from worker.heartbeat import Heartbeat, worker_name
@@ -43,6 +43,9 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO") -> int:
         heartbeat.fail(str(error))
         print(f"lookalike worker: {error}", file=sys.stderr)
         return 2
+    if only_build:  # the index is there now; the workers that serve it start next
+        heartbeat.stop()
+        return 0
     ready = dict(
         state="ready",
         reason=None,

@@ -8,6 +8,7 @@ and the time a fresh process takes to load the model and the index.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import statistics
@@ -15,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Sequence
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -24,6 +26,7 @@ from PIL import Image
 
 from shared.errors import IndexMismatch
 from shared.fashion_mnist import load_gallery
+from shared.images import decode_upload
 from shared.settings import (
     FASHION_MNIST,
     FASHION_MNIST_SIZE,
@@ -34,6 +37,7 @@ from shared.settings import (
 from worker.encoder import ClipImageEncoder, load_encoder
 from worker.engine import default_index_dir
 from worker.index import STORED_DTYPE, gallery_to_images, load_index, top_k
+from worker.loader import loader_processes
 
 DEFAULT_SIZES = (10_000, 70_000, 1_000_000)
 COMPARE_IMAGES = 64
@@ -317,6 +321,88 @@ def startup_probe() -> None:
     print(json.dumps(result))
 
 
+PREPROCESS_IMAGES = 64
+BUILD_IMAGES = 1024
+
+
+def _jpeg(image: Image.Image, size: tuple[int, int]) -> bytes:
+    buffer = io.BytesIO()
+    image.convert("RGB").resize(size, Image.Resampling.BICUBIC).save(buffer, "JPEG", quality=90)
+    return buffer.getvalue()
+
+
+def measure_preprocessing(
+    encoder: ClipImageEncoder, images: Sequence[Image.Image], *, batch_size: int, repeats: int
+) -> dict[str, Any]:
+    """Images per second, one process, from a gallery image (28 px) or a 640x480 JPEG (decoded
+    as uploads are) to the model's input: CLIP's image processor against the path this
+    encoder uses (``encoder.path``), in batches of ``batch_size``."""
+    sample = list(images[:PREPROCESS_IMAGES])
+    jpegs = [_jpeg(image, (640, 480)) for image in sample]
+    figures: dict[str, Any] = {"path": encoder.path, "batch_size": batch_size}
+
+    def rate(fn: Callable[[list[Any]], object], inputs: list[Any]) -> float:
+        def one(_: int) -> None:
+            for low in range(0, len(inputs), batch_size):
+                fn(inputs[low : low + batch_size])
+
+        runs = timed_runs(one, repeats=repeats, warmup=1)
+        return len(inputs) / statistics.median(runs)
+
+    def decoded(data: list[bytes]) -> list[Image.Image]:
+        return [decode_upload(d, max_pixels=10**8).image for d in data]
+
+    def processor(batch: list[Image.Image]) -> object:
+        return encoder.pixels(batch)
+
+    def fast(batch: list[Image.Image]) -> object:
+        return encoder.input_pixels(batch)
+
+    def from_jpeg(
+        to_pixels: Callable[[list[Image.Image]], object],
+    ) -> Callable[[list[Any]], object]:
+        return lambda batch: to_pixels(decoded(batch))
+
+    for name, fn in (("processor", processor), (encoder.path, fast)):
+        figures[name] = {
+            "gallery_28px_per_s": rate(fn, sample),
+            "jpeg_640x480_per_s": rate(from_jpeg(fn), jpegs),
+        }
+    return figures
+
+
+def measure_build(
+    encoder: ClipImageEncoder, settings: Settings, *, batch_size: int
+) -> dict[str, Any]:
+    """An index build of the first ``BUILD_IMAGES`` Fashion-MNIST images (at most the
+    gallery's size; into a temporary folder, with loader processes as a build uses them)
+    beside the model's forward passes alone on the same images' pixels."""
+    import tempfile
+
+    from shared.galleries import FashionMnistSource
+    from worker.index import build_index
+
+    count = min(BUILD_IMAGES, settings.gallery.size)
+    source = FashionMnistSource.load(settings.gallery.data_dir, size=count)
+    with tempfile.TemporaryDirectory() as tmp:
+        started = time.perf_counter()
+        build_index(encoder, source, directory=Path(tmp), batch_size=batch_size, progress=False)
+        build_s = time.perf_counter() - started
+    pixels = encoder.input_pixels(source.images(0, min(batch_size, count)))
+
+    def forward(_: int) -> None:
+        encoder.embed_pixels(pixels)
+
+    runs = timed_runs(forward, repeats=5, warmup=1)
+    return {
+        "images": count,
+        "batch_size": batch_size,
+        "build_images_per_s": count / build_s,
+        "forward_images_per_s": int(pixels.shape[0]) / statistics.median(runs),
+        "loader_processes": loader_processes(encoder.device),
+    }
+
+
 def run_model_bench(
     settings: Settings,
     *,
@@ -325,6 +411,7 @@ def run_model_bench(
     sizes: Sequence[int] = DEFAULT_SIZES,
     compare_images: int = COMPARE_IMAGES,
     startup: bool = True,
+    build: bool = True,
 ) -> dict[str, Any]:
     """Every model-only figure, as the JSON written by ``--json``."""
     load_before = list(os.getloadavg())
@@ -337,6 +424,8 @@ def run_model_bench(
         baseline.model = baseline.model.float()
         baseline.dtype, baseline.precision = torch.float32, "fp32"
     encoder_figures = measure_encoder(fast, images, batch_size=batch_size, repeats=repeats)
+    preprocessing = measure_preprocessing(fast, images, batch_size=batch_size, repeats=repeats)
+    build_figures = measure_build(fast, settings, batch_size=batch_size) if build else None
     comparison = compare_paths(
         baseline, fast, images[:compare_images], batch_size=batch_size, repeats=repeats
     )
@@ -350,7 +439,8 @@ def run_model_bench(
             "device": fast.device,
             "precision": fast.precision,
             "dim": fast.dim,
-            "notes": fast.notes,
+            "notes": [*fast.notes, fast.path_note],
+            "attention": str(getattr(fast.model.config, "_attn_implementation", "?")),
         },
         "machine": {
             "cpus": os.cpu_count(),
@@ -359,6 +449,8 @@ def run_model_bench(
             "load_average_before": load_before,
         },
         "encoder": encoder_figures,
+        "preprocessing": preprocessing,
+        "build": build_figures,
         "fp32_vs_fast": comparison,
         "search": gallery_search(settings, fast, embeddings, repeats=repeats),
         "scaling": measure_scaling(fast, embeddings, sizes=sizes, repeats=repeats),
@@ -378,6 +470,22 @@ def format_model_report(report: dict[str, Any]) -> str:
     ]
     if model["is_random"]:
         lines.append("note: random weights: these figures are for compute only")
+    pre, build = report.get("preprocessing"), report.get("build")
+    if pre:
+        lines.append(
+            f"preprocess   one process, batches of {pre['batch_size']}, images/s: "
+            + "; ".join(
+                f"{name} {pre[name]['gallery_28px_per_s']:.0f} (28 px gallery image), "
+                f"{pre[name]['jpeg_640x480_per_s']:.0f} (640x480 JPEG, decoded)"
+                for name in dict.fromkeys(("processor", pre["path"]))
+            )
+        )
+    if build:
+        lines.append(
+            f"build        {build['images']} Fashion-MNIST images, batch {build['batch_size']}, "
+            f"{build['loader_processes']} loader processes: {build['build_images_per_s']:.0f} "
+            f"images/s; the forward pass alone: {build['forward_images_per_s']:.0f} images/s"
+        )
     lines += [
         f"encoder      batch 1: {enc['batch1_ms']:.1f} ms/image (median of "
         f"{enc['batch1_runs']}; preprocessing {enc['batch1_preprocess_ms']:.1f} ms of it)",

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import io
+import multiprocessing
 import os
 import time
 from collections import Counter
@@ -391,8 +392,11 @@ async def run_bench(
     timeout_s: float,
     warmup: int = 1,
     api_key: str | None = None,
+    start_at: float | None = None,
+    offset: int = 0,
 ) -> tuple[list[Outcome], list[Outcome], float]:
-    """Warm up, then ``requests`` requests, at most ``concurrency`` at a time.
+    """Warm up, then ``requests`` requests, at most ``concurrency`` at a time (from
+    ``start_at``, a ``time.time()``, when given: processes started apart begin together).
 
     Returns the warm-up outcomes, the timed outcomes and the timed wall time in seconds.
     """
@@ -412,14 +416,28 @@ async def run_bench(
 
         async def gated(i: int) -> Outcome:
             async with gate:
-                return await run_one(client, payloads[i % len(payloads)], timeout_s=timeout_s)
+                payload = payloads[(offset + i) % len(payloads)]
+                return await run_one(client, payload, timeout_s=timeout_s)
 
+        if start_at is not None:
+            await asyncio.sleep(max(0.0, start_at - time.time()))
         started = time.perf_counter()
         outcomes = await asyncio.gather(*(gated(i) for i in range(requests)))
         wall_s = time.perf_counter() - started
     finally:
         await client.close()
     return warm, list(outcomes), wall_s
+
+
+def _bench_part(arguments: dict[str, Any]) -> tuple[list[Outcome], float]:
+    """One process's share of a ``--processes`` run: its outcomes and its wall time."""
+    _, outcomes, wall_s = asyncio.run(run_bench(**arguments))
+    return outcomes, wall_s
+
+
+def shares(total: int, parts: int) -> list[int]:
+    """``total`` split into ``parts`` near-equal whole shares, largest first."""
+    return [total // parts + (1 if i < total % parts else 0) for i in range(parts)]
 
 
 def bench_service(
@@ -431,19 +449,64 @@ def bench_service(
     warmup: int,
     data_dir: Path | None,
     api_key: str | None = None,
+    processes: int = 1,
 ) -> dict[str, Any]:
     """Run the HTTP benchmark and return its summary; :class:`BenchAborted` when the warm-up
-    cannot reach the service."""
+    cannot reach the service.
+
+    With ``processes`` > 1 the requests and the concurrency are shared among that many
+    processes (each with its own event loop and connections) that start together after the
+    warm-up; their outcomes are summarised as one run. One process's event loop tops out at
+    about a thousand requests a second: past that, it would be the bottleneck it measures.
+    """
     payloads = make_payloads(data_dir)
-    _, outcomes, wall_s = asyncio.run(
-        run_bench(
-            url,
-            payloads,
-            requests=requests,
-            concurrency=concurrency,
-            timeout_s=timeout_s,
-            warmup=warmup,
-            api_key=api_key,
+    if processes <= 1:
+        _, outcomes, wall_s = asyncio.run(
+            run_bench(
+                url,
+                payloads,
+                requests=requests,
+                concurrency=concurrency,
+                timeout_s=timeout_s,
+                warmup=warmup,
+                api_key=api_key,
+            )
         )
-    )
-    return summarise(outcomes, wall_s=wall_s, url=url, concurrency=concurrency, warmup=warmup)
+        return summarise(outcomes, wall_s=wall_s, url=url, concurrency=concurrency, warmup=warmup)
+    if warmup:
+        asyncio.run(
+            run_bench(
+                url,
+                payloads,
+                requests=0,
+                concurrency=1,
+                timeout_s=timeout_s,
+                warmup=warmup,
+                api_key=api_key,
+            )
+        )
+    start_at = time.time() + 1.0 + 0.05 * processes  # every process is up by then
+    counts, gates = shares(requests, processes), shares(concurrency, processes)
+    parts: list[dict[str, Any]] = [
+        {
+            "url": url,
+            "payloads": payloads,
+            "requests": counts[i],
+            "concurrency": gates[i],
+            "timeout_s": timeout_s,
+            "warmup": 0,
+            "api_key": api_key,
+            "start_at": start_at,
+            "offset": sum(counts[:i]),
+        }
+        for i in range(processes)
+        if counts[i] and gates[i]
+    ]
+    context = multiprocessing.get_context("spawn")  # a clean interpreter: no inherited loop
+    with context.Pool(len(parts)) as pool:
+        results = pool.map(_bench_part, parts)
+    outcomes = [outcome for part, _ in results for outcome in part]
+    wall_s = max(wall for _, wall in results)
+    summary = summarise(outcomes, wall_s=wall_s, url=url, concurrency=concurrency, warmup=warmup)
+    summary["processes"] = len(parts)
+    return summary

@@ -205,6 +205,28 @@ def test_two_workers_share_the_queue_and_do_each_job_once(
     assert len({j["result"]["worker"] for j in jobs}) == 2, "both workers should have taken jobs"
 
 
+def test_one_worker_command_runs_several_model_processes(
+    tmp_path: Path, tiny_clip_dir: Path, fake_data_dir: Path, built_index: Path
+) -> None:
+    """``lookalike worker --processes 2``: two processes, each its own model, taking jobs from
+    the same queue; stopping the command stops both."""
+    stack = make_stack(tmp_path, tiny_clip_dir, fake_data_dir)
+    stack.env["LOOKALIKE_INDEX_DIR"] = str(built_index)
+    stack.start(workers=0)
+    parent = stack.spawn("workers", "worker", "--processes", "2")
+    stack.workers.append(parent)
+    try:
+        stack.wait_ready(workers=2)
+        with httpx.Client(base_url=stack.url, timeout=30) as client:
+            ids = [submit(client, gallery_png(fake_data_dir, i))["id"] for i in range(24)]
+            jobs = [wait_job(client, job_id) for job_id in ids]
+    finally:
+        stack.stop()
+    assert parent.returncode == 0
+    assert [j["status"] for j in jobs] == ["succeeded"] * 24
+    assert len({j["result"]["worker"] for j in jobs}) == 2, "both processes should take jobs"
+
+
 def test_worker_exits_with_a_clear_message_when_the_model_cannot_load(
     tmp_path: Path, tiny_clip_dir: Path, fake_data_dir: Path, built_index: Path
 ) -> None:

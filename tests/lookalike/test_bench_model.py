@@ -138,3 +138,15 @@ def test_synthetic_rows_are_unit_float16() -> None:
     assert rows.dtype == np.float16 and rows.shape == (70_000, 8)
     norms = np.linalg.norm(rows.astype(np.float32), axis=1)
     assert np.allclose(norms, 1.0, atol=2e-3)
+
+
+def test_model_bench_times_preprocessing_both_ways_and_a_build(report: dict[str, Any]) -> None:
+    pre = report["preprocessing"]
+    assert pre["path"] == "pil+torch"
+    for path in ("processor", "pil+torch"):
+        positive(pre[path], "gallery_28px_per_s", "jpeg_640x480_per_s")
+    build = report["build"]
+    assert build["images"] == GALLERY_SIZE
+    positive(build, "build_images_per_s", "forward_images_per_s")
+    text = format_model_report(report)
+    assert "preprocess   one process" in text and "build        " in text

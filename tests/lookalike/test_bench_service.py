@@ -12,6 +12,7 @@ import time
 from collections.abc import Iterator
 from datetime import UTC, datetime, timedelta
 from email.utils import format_datetime
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -22,9 +23,10 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse
 from starlette.routing import Route
 
-from lookalike.bench.http_lite import multipart
+from lookalike.bench.http_lite import HttpClient, multipart
 from lookalike.bench.service import (
     Outcome,
+    bench_service,
     count_statuses,
     exit_code,
     format_summary,
@@ -32,6 +34,8 @@ from lookalike.bench.service import (
     percentile,
     retry_after_seconds,
     run_bench,
+    run_one,
+    shares,
     summarise,
 )
 from lookalike.redis_server import free_port
@@ -256,24 +260,57 @@ def test_run_bench_retries_429_and_waits_with_the_long_poll() -> None:
     assert exit_code(summary) == 1
 
 
-def test_run_bench_reuses_connections_the_server_closed_while_idle() -> None:
+@pytest.mark.parametrize("concurrency", [1, 4])
+def test_run_bench_reuses_connections_the_server_closed_while_idle(concurrency: int) -> None:
+    """After a pause the server closes every idle connection at once: a request that finds
+    its pooled connection closed tries again on a new one, not on another stale one."""
     payloads = payloads_from_images(np.zeros((1, 28, 28), dtype=np.uint8))
     service = ScriptedService()
     service.submissions = 3  # no 429s
 
     async def twice() -> list[Outcome]:
+        client = HttpClient(url, limit=concurrency + 4)
         client_outcomes = []
-        for _ in range(2):
-            _, outcomes, _ = await run_bench(
-                url, payloads, requests=2, concurrency=1, timeout_s=10, warmup=0
-            )
-            client_outcomes += outcomes
-            await asyncio.sleep(1.5)  # past the server's keep-alive: it closes them
+        try:
+            for _ in range(2):
+                client_outcomes += await asyncio.gather(
+                    *(run_one(client, payloads[i % 3], timeout_s=10) for i in range(concurrency))
+                )
+                await asyncio.sleep(1.5)  # past the server's keep-alive: it closes them all
+        finally:
+            await client.close()
         return client_outcomes
 
     with serving(service.app()) as url:
         outcomes = asyncio.run(twice())
+    assert len(outcomes) == 2 * concurrency
     assert all(o.accepted and o.connection_errors == 0 for o in outcomes)
+
+
+def test_bench_spread_over_processes_is_summarised_as_one_run(fake_data_dir: Path) -> None:
+    service = ScriptedService()
+    service.submissions = 3  # no 429s
+    with serving(service.app()) as url:
+        summary = bench_service(
+            url,
+            requests=12,
+            concurrency=4,
+            timeout_s=10,
+            warmup=1,
+            data_dir=fake_data_dir,
+            processes=2,
+        )
+    assert summary["processes"] == 2
+    assert summary["requests"] == 12
+    assert summary["succeeded"] + summary["failed"] == 12
+    assert summary["failed"] == 4  # the PNGs: one payload in three, as in a single process
+    assert summary["throughput_jobs_per_s"] > 0
+    assert len(service.jobs) == 13  # and the warm-up
+
+
+def test_shares_split_a_total_as_evenly_as_whole_numbers_allow() -> None:
+    assert shares(10, 3) == [4, 3, 3]
+    assert shares(2, 4) == [1, 1, 0, 0]
 
 
 def test_multipart_body_carries_the_file_and_its_type() -> None:

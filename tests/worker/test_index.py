@@ -277,25 +277,34 @@ class Interrupted(Exception):
 
 
 class CountingEmbed:
-    """Stands in for ``encoder.embed``: counts calls and images, can fail after ``fail_after``."""
+    """Stands in for ``encoder.embed`` and ``encoder.embed_arrays`` (the build's fast path):
+    counts calls and images, can fail after ``fail_after``."""
 
     def __init__(self, encoder: ClipImageEncoder, *, fail_after: int | None = None) -> None:
-        self.embed = encoder.embed
+        self.encoder = encoder
         self.fail_after = fail_after
         self.calls = 0
         self.images = 0
 
-    def __call__(self, images: list[object]) -> np.ndarray:
+    def _count(self, images: object) -> None:
         if self.fail_after is not None and self.calls >= self.fail_after:
             raise Interrupted
         self.calls += 1
-        self.images += len(images)
-        return self.embed(images)  # type: ignore[arg-type]
+        self.images += len(images)  # type: ignore[arg-type]
+
+    def __call__(self, images: list[object]) -> np.ndarray:
+        self._count(images)
+        return self.encoder.embed(images)  # type: ignore[arg-type]
+
+    def arrays(self, arrays: list[np.ndarray], *, prepared: bool) -> np.ndarray:
+        self._count(arrays)
+        return self.encoder.embed_arrays(arrays, prepared=prepared)
 
 
 def with_embed(encoder: ClipImageEncoder, embed: CountingEmbed) -> ClipImageEncoder:
     patched = dataclasses.replace(encoder, notes=[])
     patched.embed = embed  # type: ignore[method-assign]
+    patched.embed_arrays = embed.arrays  # type: ignore[method-assign]
     return patched
 
 
