@@ -26,16 +26,19 @@ from api.deps import STORE_DOWN, AppState
 from api.enqueue import TaskMessages
 from api.events import SHUTDOWN_S, JobEvents
 from api.fleet import Fleet
+from api.galleries import router as galleries_router
 from api.health import router as health_router
 from api.limits import BodySizeLimit
 from api.pages import router as pages_router
 from api.pictures import BAD_INDEX, BAD_SIZE
 from api.pictures import router as pictures_router
-from api.routes import DECODE_SLOTS, router
+from api.routes import router
+from api.submit import DECODE_SLOTS
 from api.thumbnails import GalleryImages
 from api.uploads import BAD_GALLERY, BAD_K, BAD_WAIT
 from shared.celery_config import make_celery, search_queues
 from shared.jobs import AsyncJobStore
+from shared.live import AsyncLiveStore
 from shared.metrics import Metrics
 from shared.redis_clients import async_client, sync_client
 from shared.settings import Settings, get_settings
@@ -72,6 +75,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             messages=TaskMessages(celery),
             backlog=Backlog(store, search_queues(settings), limit=settings.broker.max_queued),
             decode_slots=asyncio.Semaphore(DECODE_SLOTS),
+            live=AsyncLiveStore(client, prefix=settings.storage.key_prefix),
         )
         try:
             yield
@@ -98,6 +102,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     )
     app.include_router(router)
     app.include_router(pictures_router)
+    app.include_router(galleries_router)
     app.include_router(health_router)
     app.include_router(pages_router)
     app.add_exception_handler(RequestValidationError, _validation_error)

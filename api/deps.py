@@ -24,6 +24,7 @@ from api.events import JobEvents
 from api.fleet import Fleet
 from api.thumbnails import GalleryImages
 from shared.jobs import AsyncJobStore, JobRecord, is_job_id
+from shared.live import AsyncLiveStore
 from shared.metrics import Metrics
 from shared.settings import Settings
 
@@ -44,6 +45,7 @@ class AppState:
     gallery_images: GalleryImages
     messages: TaskMessages
     backlog: Backlog
+    live: AsyncLiveStore
     decode_slots: asyncio.Semaphore
 
 
@@ -79,6 +81,10 @@ async def get_gallery_images(state: State) -> GalleryImages:
     return state.gallery_images
 
 
+async def get_live(state: State) -> AsyncLiveStore:
+    return state.live
+
+
 async def get_decode_slots(state: State) -> asyncio.Semaphore:
     """Images decoded or drawn at once by this process (uploads, pictures): bounds memory."""
     return state.decode_slots
@@ -90,6 +96,7 @@ EventsDep = Annotated[JobEvents, Depends(get_events)]
 FleetDep = Annotated[Fleet, Depends(get_fleet)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 GalleryImagesDep = Annotated[GalleryImages, Depends(get_gallery_images)]
+LiveDep = Annotated[AsyncLiveStore, Depends(get_live)]
 DecodeSlots = Annotated[asyncio.Semaphore, Depends(get_decode_slots)]
 
 

@@ -46,6 +46,11 @@ def fit(image: Image.Image, size: int) -> Image.Image:
     return image.convert("RGB").resize(new_size, resample)
 
 
+def blank_tile() -> Image.Image:
+    """An item whose image is gone (deleted since the search): an empty grey tile."""
+    return Image.new("RGB", (TILE, TILE), (226, 232, 240))
+
+
 def text_tile(text: str) -> Image.Image:
     """A text query drawn as a tile."""
     tile = Image.new("RGB", (TILE, TILE), (241, 245, 249))

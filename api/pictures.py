@@ -8,7 +8,7 @@ workers', mounted read-only in docker-compose.yml), not the model.
 from __future__ import annotations
 
 import io
-from typing import Annotated, Any
+from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response
 from fastapi.concurrency import run_in_threadpool
@@ -19,23 +19,25 @@ from api.deps import (
     DecodeSlots,
     FleetDep,
     GalleryImagesDep,
+    LiveDep,
     ReadableJob,
     SettingsDep,
     StoreDep,
 )
 from api.fleet import Fleet
-from api.grid import Tile, fit, render_grid, text_tile
+from api.grid import Tile, blank_tile, fit, render_grid, text_tile
 from api.schemas import problem_responses
 from api.thumbnails import NO_GALLERY_IMAGES, GalleryImages
 from shared.errors import ImageRejected
 from shared.images import stored_image
 from shared.jobs import JobRecord
-from shared.schemas import Galleries, GallerySummary, JobKind, JobStatus
+from shared.schemas import JobKind, JobStatus
 from shared.settings import GALLERY_NAME
 
 router = APIRouter()
 
 NOT_DONE = "The job has not succeeded, so it has no picture."
+NOT_A_SEARCH = "Only a search has a result picture."
 BAD_INDEX = "The image index must be a whole number, 0 or more."
 BAD_SIZE = "size must be a whole number of pixels from 16 to 1024."
 CACHE = "public, max-age=3600"
@@ -113,19 +115,31 @@ async def job_grid(
     images: GalleryImagesDep,
     settings: SettingsDep,
     slots: DecodeSlots,
+    live: LiveDep,
 ) -> Response:
+    if not job.kind.searches:
+        raise HTTPException(409, NOT_A_SEARCH)
     if job.status != JobStatus.SUCCEEDED or job.result is None:
         raise HTTPException(409, NOT_DONE)
     upload = await store.upload(job.id) if job.kind == JobKind.IMAGE else None
     if job.kind == JobKind.IMAGE and upload is None:
         raise HTTPException(404, JOB_NOT_FOUND)
-    advertised = await _advertised_dir(fleet, job.result.gallery.name)
+    gallery = job.result.gallery.name
+    advertised = await _advertised_dir(fleet, gallery)
+    # A live gallery's item images are in Redis: fetched here, drawn in the thread below.
+    wanted = [m.item_id for m in job.result.matches if m.index is None]
+    if job.kind == JobKind.ITEM and job.item_id is not None and not job.item_id.isdecimal():
+        wanted.append(job.item_id)
+    stored = {item_id: await live.image(gallery, item_id) for item_id in wanted}
+    if job.kind == JobKind.ITEM:
+        upload = stored.get(job.item_id or "")
     async with slots:  # drawn a few at a time, like uploads are decoded
         data = await run_in_threadpool(
             _grid,
             job,
             upload,
             images,
+            stored,
             advertised=advertised,
             max_pixels=settings.storage.max_image_pixels,
         )
@@ -138,13 +152,29 @@ def _grid(
     job: JobRecord,
     upload: bytes | None,
     images: GalleryImages,
+    stored: dict[str, bytes | None],
     *,
     advertised: str | None,
     max_pixels: int,
 ) -> bytes:
     result = job.result
     assert result is not None
-    if upload is not None:
+    gallery = result.gallery.name
+
+    def picture(item_id: str, index: int | None) -> Image.Image:
+        if index is not None:
+            return images.image(gallery, index, advertised_dir=advertised)
+        data = stored.get(item_id)
+        try:  # what the item keeps: its pixels or a small JPEG of them
+            return stored_image(data, max_pixels=max_pixels) if data else blank_tile()
+        except ImageRejected:
+            return blank_tile()
+
+    if job.kind == JobKind.ITEM and job.item_id is not None:
+        built = job.item_id.isdecimal() and upload is None
+        index = int(job.item_id) if built else None
+        query = Tile(picture(job.item_id, index), "query", f"item {job.item_id}"[:22])
+    elif upload is not None:
         try:  # the job's pixels (or their small copy): never a large original
             query_image = stored_image(upload, max_pixels=max_pixels)
         except ImageRejected:  # it was checked at upload: only a changed store gets here
@@ -154,8 +184,8 @@ def _grid(
         query = Tile(text_tile(job.text or ""), "query", "text")
     tiles = [
         Tile(
-            images.image(result.gallery.name, m.index, advertised_dir=advertised),
-            f"#{m.rank} {m.label_name}"[:22],
+            picture(m.item_id, m.index),
+            f"#{m.rank} {m.label_name or m.item_id}"[:22],
             f"score {m.score:.4f}",
         )
         for m in result.matches
@@ -166,27 +196,3 @@ def _grid(
     )
     warning = "Random weights: these matches are meaningless." if result.model_is_random else None
     return render_grid(query, tiles, footer=footer, warning=warning)
-
-
-@router.get(
-    "/galleries",
-    response_model=Galleries,
-    responses=problem_responses(503),
-    summary="The galleries jobs can name, with size and model",
-)
-async def galleries(settings: SettingsDep, fleet: FleetDep) -> Galleries:
-    view = await fleet.view()
-    default = view.default_gallery or settings.gallery.name
-    summaries: list[dict[str, Any]] = list(view.galleries.values())
-    listed = [
-        GallerySummary(
-            name=str(g["name"]),
-            size=int(g["size"]),
-            model=str(g["model"]),
-            kind=str(g.get("kind", "")),
-            classes=[str(c) for c in g.get("classes", [])],
-            default=g["name"] == default,
-        )
-        for g in sorted(summaries, key=lambda g: (g["name"] != default, g["name"]))
-    ]
-    return Galleries(default=default, galleries=listed)

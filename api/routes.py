@@ -9,7 +9,6 @@ from collections.abc import AsyncIterator
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
-from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import StreamingResponse
 
 from api.deps import (
@@ -24,33 +23,26 @@ from api.deps import (
     read_owned_job,
 )
 from api.events import Waiter
-from api.fleet import FleetView
 from api.schemas import BatchAccepted, problem_responses
+from api.submit import check_item, decode, refuse_if_full, submit, target
 from api.uploads import (
     BATCH_BODY,
     BATCH_FILES,
     BATCH_NO_TEXT,
     FILE_OR_TEXT,
     NO_FILE,
+    ONE_QUERY,
     UPLOAD_BODY,
     Submission,
     read_submission,
 )
-from shared.celery_config import job_queue, search_queues
-from shared.errors import ImageRejected
-from shared.images import InputSpec, upload_pixels
 from shared.jobs import JobRecord, NewJob, new_job_id
-from shared.logs import job_fields
 from shared.schemas import Job, JobKind, Problem
-from shared.settings import GALLERY_NAME, MAX_K, Settings
+from shared.settings import GALLERY_NAME, MAX_K
 
 log = logging.getLogger(__name__)
 router = APIRouter()
 
-QUEUE_FULL = "Too many jobs are waiting; retry shortly."
-UNKNOWN_GALLERY = "Unknown gallery {name!r}: GET /galleries lists them."
-DECODE_SLOTS = 4  # uploads decoded at once per API process: bounds memory under load
-TEXT_OFF = "Text search is off on every worker (LOOKALIKE_TEXT_SEARCH=off)."
 KEEPALIVE_S = 15.0
 JSON = "application/json"
 STREAM_MAX_S = 600.0
@@ -94,9 +86,12 @@ async def create_job(
         query_k=k,
         query_gallery=gallery,
     )
+    queries = sum((bool(submission.files), submission.text is not None, bool(submission.item)))
     if submission.files and submission.text is not None:
         raise HTTPException(400, FILE_OR_TEXT)
-    if not submission.files and submission.text is None:
+    if queries > 1:
+        raise HTTPException(400, ONE_QUERY)
+    if queries == 0:
         raise HTTPException(422, NO_FILE)  # (a second file was refused while reading)
     (job,) = await _accept(state, submission, max_files=1, owner=owner)
     return Response(
@@ -123,7 +118,7 @@ async def create_batch(
         query_k=k,
         query_gallery=gallery,
     )
-    if submission.text is not None:
+    if submission.text is not None or submission.item is not None:
         raise HTTPException(400, BATCH_NO_TEXT)
     if not 1 <= len(submission.files) <= limit:
         raise HTTPException(400, BATCH_FILES.format(n=limit))
@@ -140,24 +135,22 @@ async def _accept(
     owner: str | None,
 ) -> list[JobRecord]:
     """Validate, store and enqueue the jobs of a submission; all of them or none."""
-    settings, store = state.settings, state.store
+    settings = state.settings
     view = await state.fleet.view()
     top_k = submission.k or settings.gallery.top_k
     # The workers' default gallery, when they agree on one: it is theirs to choose.
     gallery_name = submission.gallery or view.default_gallery or settings.gallery.name
-    _check_servable(view, gallery_name, text=submission.text is not None)
-    if await state.backlog.full(len(uploads_of(submission))):
-        raise HTTPException(429, QUEUE_FULL, headers={"Retry-After": "2"})
-    # Decoding is the costly check (memory and CPU): a few at a time. What is kept is what the
-    # model takes, so the worker decodes nothing.
-    async with state.decode_slots:
-        pixels = await run_in_threadpool(
-            _decode_images,
-            submission.files,
-            settings=settings,
-            spec=view.input_spec,
-            numbered=max_files > 1,
-        )
+    gallery = await target(state, view, gallery_name, owner, text=submission.text is not None)
+    if submission.item is not None:
+        await check_item(state, gallery, submission.item)
+    await refuse_if_full(state, max(1, len(submission.files)))
+    pixels = await decode(state, submission.files, spec=view.input_spec, numbered=max_files > 1)
+    if submission.text is not None:
+        kind = JobKind.TEXT
+    elif submission.item is not None:
+        kind = JobKind.ITEM
+    else:
+        kind = JobKind.IMAGE
     uploads: list[bytes | None] = list(pixels) or [None]
     new = [
         NewJob(
@@ -167,64 +160,12 @@ async def _accept(
             upload=upload,
             text=submission.text,
             owner=owner,
+            kind=kind,
+            options=submission.options,
         )
         for upload in uploads
     ]
-    queue = job_queue(settings, JobKind.TEXT if submission.text is not None else JobKind.IMAGE)
-    records = await store.submit(
-        new,
-        queue=queue,
-        messages=[state.messages.search(job.job_id, queue=queue) for job in new],
-        waiting=search_queues(settings),
-        max_waiting=settings.broker.max_queued,
-    )
-    if records is None:
-        state.backlog.saw_full()
-        raise HTTPException(429, QUEUE_FULL, headers={"Retry-After": "2"})
-    for record in records:
-        state.metrics.inc("lookalike_jobs_submitted_total", {"kind": record.kind.value})
-        log.info(
-            "job %s: accepted (%s, k=%d, gallery %s)",
-            record.id,
-            record.kind.value,
-            record.k,
-            record.gallery,
-            extra=job_fields(record.id, stage="accept", kind=record.kind.value),
-        )
-    return records
-
-
-def uploads_of(submission: Submission) -> list[bytes] | list[None]:
-    """One job per file, or one text job."""
-    return list(submission.files) or [None]
-
-
-def _decode_images(
-    files: list[bytes], *, settings: Settings, spec: InputSpec | None, numbered: bool
-) -> list[bytes]:
-    """Each file's pixels (shared.images.upload_pixels), or a refusal of the submission if any
-    file is not an image we accept; a batch's refusals say which file (``File 2: ...``).
-    (Sizes were checked while the files arrived.)"""
-    pixels = []
-    for number, data in enumerate(files, start=1):
-        try:
-            max_pixels = settings.storage.max_image_pixels
-            pixels.append(upload_pixels(data, max_pixels=max_pixels, spec=spec))
-        except ImageRejected as error:
-            raise HTTPException(
-                400, f"File {number}: {error}" if numbered else str(error)
-            ) from None
-    return pixels
-
-
-def _check_servable(view: FleetView, gallery: str, *, text: bool) -> None:
-    """Refuse what the ready workers cannot answer; with no ready worker, the queue waits."""
-    if not view.ready:
-        return
-    if gallery not in view.galleries:
-        raise HTTPException(422, UNKNOWN_GALLERY.format(name=gallery))
-    if text and not view.modes["text"]:
-        raise HTTPException(422, TEXT_OFF)
+    return await submit(state, new, kind=kind)
 
 
 @router.get(

@@ -11,11 +11,13 @@ import pathlib
 import threading
 import time
 
+import numpy as np
+import numpy.typing as npt
 from fastapi import HTTPException
 from PIL import Image
 
 from shared.errors import GalleryError
-from shared.galleries import THUMBS, ThumbnailPack, find_gallery_dirs, pack_stamp
+from shared.galleries import THUMBS, ThumbnailPack, find_gallery_dirs, pack_stamp, read_manifest
 
 NO_GALLERY_IMAGES = "The images of gallery {name!r} are not available on this API host."
 NO_SUCH_IMAGE = "Gallery {name!r} has no image {index}."
@@ -63,6 +65,16 @@ class GalleryImages:
             return pack_stamp(stem) == pack.stamp
         except OSError:  # removed
             return False
+
+    def labels(
+        self, name: str, *, advertised_dir: str | None = None
+    ) -> tuple[npt.NDArray[np.int32], list[str]]:
+        """A built gallery's labels (memory-mapped) and class names, from its index folder."""
+        directory = self.pack(name, advertised_dir=advertised_dir).path.parent
+        manifest = read_manifest(directory) or {}
+        labels: npt.NDArray[np.int32] = np.load(directory / "labels.npy", mmap_mode="r")
+        classes = manifest.get("class_names")
+        return labels, [str(c) for c in classes] if isinstance(classes, list) else []
 
     def image(self, name: str, index: int, *, advertised_dir: str | None = None) -> Image.Image:
         pack = self.pack(name, advertised_dir=advertised_dir)

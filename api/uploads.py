@@ -7,10 +7,11 @@ A text query may also come as JSON: ``{"text": "a red sneaker", "k": 5}``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from fastapi import HTTPException, Request
@@ -19,6 +20,7 @@ from starlette.requests import ClientDisconnect
 
 from api.limits import TOO_LARGE, human_size
 from api.multipart import Form, read_multipart
+from shared import items
 from shared.errors import FileTooLarge, MultipartRefused
 from shared.settings import GALLERY_NAME, MAX_K
 
@@ -30,15 +32,17 @@ NO_FILE = (
 )
 ONE_FILE = "Send exactly one file per job (POST /jobs/batch takes several)."
 FILE_OR_TEXT = "Send either a file or a text, not both."
+ONE_QUERY = "Send one of a file, a text or an item to search like."
 BATCH_FILES = "Send 1 to {n} images, each in a 'file' field."
-BATCH_NO_TEXT = "POST /jobs/batch takes image files only; send text queries to POST /jobs."
+BATCH_NO_TEXT = "POST /jobs/batch takes image files only; send text and item queries to POST /jobs."
 TOO_MANY_FIELDS = "The form has too many fields."
 FIELD_TOO_LARGE = "A form field is too large."
 MALFORMED = "The multipart body is malformed."
 UNTERMINATED = "The multipart body ends before its closing boundary: the upload was cut short."
 DISCONNECTED = "The client disconnected before the upload arrived."
 CONFLICT = "{name} is given twice, with different values: in the query string and in the body."
-BAD_JSON = "The JSON body is not an object with a 'text' field."
+BAD_JSON = "The JSON body is not an object with a 'text' (or an 'item') field."
+ONCE = "{name} may be given once."
 BAD_K = f"k must be a whole number from 1 to {MAX_K}."
 BAD_WAIT = "wait must be a number of seconds, 0 or more."
 BAD_TEXT = "text must be 1 to {n} characters."
@@ -129,6 +133,40 @@ class Submission:
     text: str | None
     k: int | None
     gallery: str | None
+    item: str | None = None
+    filter: dict[str, Any] | None = None
+    min_score: float | None = None
+    exclude: list[str] = field(default_factory=list)
+
+    @property
+    def options(self) -> dict[str, Any]:
+        """What a search stores besides its query (shared.jobs.new_record)."""
+        return {
+            "item_id": self.item,
+            "filter": self.filter,
+            "min_score": self.min_score,
+            "exclude": self.exclude,
+        }
+
+
+def _options(fields: dict[str, list[Any]]) -> dict[str, Any]:
+    """The search options of a form: each field once, a JSON text for filter and exclude
+    (exclude may also be repeated, one id each); refused with a sentence naming the field."""
+    for name in ("item", "filter", "min_score"):
+        if len(fields.get(name, [])) > 1:
+            raise HTTPException(422, ONCE.format(name=name))
+    excluded = fields.get("exclude", [])
+    try:
+        return {
+            "item": items.item_id(fields["item"][0], refusal=items.BAD_ITEM)
+            if fields.get("item")
+            else None,
+            "filter": items.filter_conditions(fields.get("filter", [None])[0]),
+            "min_score": items.min_score(fields.get("min_score", [None])[0]),
+            "exclude": items.exclude(excluded[0] if len(excluded) == 1 else excluded),
+        }
+    except items.FieldRefused as refused:
+        raise HTTPException(422, str(refused)) from None
 
 
 async def read_submission(
@@ -157,11 +195,8 @@ async def read_submission(
         raise HTTPException(422, CONFLICT.format(name="k"))
     if gallery is not None and submission.gallery is not None and gallery != submission.gallery:
         raise HTTPException(422, CONFLICT.format(name="gallery"))
-    return Submission(
-        files=submission.files,
-        text=submission.text,
-        k=k if k is not None else submission.k,
-        gallery=gallery or submission.gallery,
+    return dataclasses.replace(
+        submission, k=k if k is not None else submission.k, gallery=gallery or submission.gallery
     )
 
 
@@ -198,6 +233,7 @@ async def _read_body(request: Request, *, max_files: int, max_file_bytes: int) -
         text=_parse_text(texts[0]) if texts else None,
         k=_parse_k(fields.get("k", [])),
         gallery=_parse_gallery(fields.get("gallery", [])),
+        **_options(fields),
     )
 
 
@@ -240,15 +276,28 @@ async def _read_json(request: Request) -> Submission:
         body = json.loads(raw)
     except (ValueError, RecursionError):  # UnicodeDecodeError is a ValueError
         raise HTTPException(400, BAD_JSON) from None
-    if not isinstance(body, dict) or not isinstance(body.get("text"), str):
+    if not isinstance(body, dict):
+        raise HTTPException(400, BAD_JSON)
+    if isinstance(body.get("item"), int) and not isinstance(body["item"], bool):
+        body["item"] = str(body["item"])  # a built gallery's ids are numbers: item=4412
+    if not isinstance(body.get("text", body.get("item")), str):
         raise HTTPException(400, BAD_JSON)
     k = body.get("k")
     gallery = body.get("gallery")
+    text = body.get("text")
+    if text is not None and not isinstance(text, str):
+        raise HTTPException(422, BAD_TEXT.format(n=MAX_TEXT_CHARS))
+    options = {
+        name: [json.dumps(body[name]) if name in ("filter", "exclude") else body[name]]
+        for name in ("item", "filter", "min_score", "exclude")
+        if body.get(name) is not None
+    }
     return Submission(
         files=[],
-        text=_parse_text(body["text"]),
+        text=None if text is None else _parse_text(text),
         k=None if k is None else _parse_k([k if isinstance(k, str) else json.dumps(k)]),
         gallery=None if gallery is None else _parse_gallery([gallery]),
+        **_options(options),
     )
 
 

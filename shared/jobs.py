@@ -20,6 +20,7 @@ import redis
 import redis.asyncio as aioredis
 from redis.exceptions import NoScriptError
 
+from shared.live import LiveKeys
 from shared.schemas import Job, JobKind, JobResult, JobStage, JobStatus
 from shared.settings import FASHION_MNIST
 
@@ -72,24 +73,33 @@ return 1
 
 # Accept jobs, all of them or none: refuse (0) if the waiting queues would pass the cap, else
 # store each record (a JSON object of strings), its pixels and its pending entry, and push its
-# task message on the queue; one atomic step.
-# KEYS: the pending set, the queue, the W queues that count as waiting, then per job its hash
-# and its upload key. ARGV: the cap, the TTL, W, then per job: id, creation time (score),
-# record, pixels ('' for none), task message.
+# task message on the queue; one atomic step. A job on a live gallery records the gallery's
+# version (what it must see); an add notes itself as the item's pending add.
+# KEYS: the pending set, the queue, the W queues that count as waiting, then per job its hash,
+# its upload key, its live gallery's hash and pending adds (shared.live; absent for a built
+# gallery). ARGV: the cap, the TTL, W, then per job: id, creation time (score), record, pixels
+# ('' for none), task message, the item id of an add ('' otherwise).
 _SUBMIT = """
 local w = tonumber(ARGV[3])
-local n = (#KEYS - 2 - w) / 2
+local n = (#KEYS - 2 - w) / 4
 local waiting = 0
 for i = 3, 2 + w do waiting = waiting + redis.call('LLEN', KEYS[i]) end
 if waiting + n > tonumber(ARGV[1]) then return 0 end
 local ttl = tonumber(ARGV[2])
 for j = 0, n - 1 do
-  local job, upload, a = KEYS[3 + w + 2 * j], KEYS[4 + w + 2 * j], 4 + 5 * j
+  local k, a = 3 + w + 4 * j, 4 + 6 * j
+  local job, upload, gallery, adds = KEYS[k], KEYS[k + 1], KEYS[k + 2], KEYS[k + 3]
   local fields = {}
   for field, value in pairs(cjson.decode(ARGV[a + 2])) do
     fields[#fields + 1] = field
     fields[#fields + 1] = value
   end
+  local version = redis.call('HGET', gallery, 'version')
+  if version then
+    fields[#fields + 1] = 'gallery_version'
+    fields[#fields + 1] = version
+  end
+  if ARGV[a + 5] ~= '' then redis.call('HSET', adds, ARGV[a + 5], ARGV[a]) end
   redis.call('HSET', job, unpack(fields))
   redis.call('EXPIRE', job, ttl)
   if ARGV[a + 3] ~= '' then redis.call('SET', upload, ARGV[a + 3], 'EX', ttl) end
@@ -152,6 +162,10 @@ class Keys:
         return f"{self.prefix}:worker:{name}"
 
 
+# Fields kept in a job's hash as JSON text.
+JSON_FIELDS = ("filter", "exclude", "attributes")
+
+
 def new_record(
     job_id: str,
     *,
@@ -160,11 +174,15 @@ def new_record(
     gallery: str,
     text: str | None = None,
     owner: str | None = None,
+    kind: JobKind | None = None,
+    options: Mapping[str, Any] | None = None,
 ) -> dict[str, str]:
+    """A new job's hash (all text). ``options``: the search's ``item_id``, ``filter``,
+    ``min_score`` and ``exclude``, or an add's ``item_id``, ``attributes`` and ``sha256``."""
     record = {
         "id": job_id,
         "status": JobStatus.QUEUED.value,
-        "kind": (JobKind.TEXT if text is not None else JobKind.IMAGE).value,
+        "kind": (kind or (JobKind.TEXT if text is not None else JobKind.IMAGE)).value,
         "gallery": gallery,
         "k": str(k),
         "created_at": created_at.isoformat(),
@@ -174,12 +192,17 @@ def new_record(
         record["text"] = text
     if owner:
         record["owner"] = owner
+    for name, value in (options or {}).items():
+        if value is None or value == []:
+            continue
+        record[name] = json.dumps(value) if name in JSON_FIELDS else str(value)
     return record
 
 
 @dataclass(frozen=True)
 class NewJob:
-    """What ``POST /jobs`` accepted: an image upload or a text query, and where to search."""
+    """What the API accepted: a search (an upload, a text or an item of the gallery), an add
+    of an item, or a duplicates job; where, and with which options (see :func:`new_record`)."""
 
     job_id: str
     k: int
@@ -187,6 +210,8 @@ class NewJob:
     upload: bytes | None = None
     text: str | None = None
     owner: str | None = None
+    kind: JobKind | None = None
+    options: Mapping[str, Any] | None = None
 
 
 class JobRecord(Job):
@@ -195,6 +220,9 @@ class JobRecord(Job):
     owner: str | None = None
     worker: str | None = None
     computed: int = 0
+    gallery_version: int = 0  # a live gallery's version when the job was accepted
+    attributes: dict[str, Any] | None = None  # an add's
+    sha256: str | None = None  # an add's: of the uploaded bytes
 
     def public(self) -> Job:
         return Job.model_validate(self.model_dump(include=_PUBLIC))
@@ -212,8 +240,11 @@ def parse_record(raw: Mapping[Any, Any]) -> JobRecord | None:
     """Turn a Redis hash (bytes or str) into a :class:`JobRecord`; None when it is gone."""
     if not raw:
         return None
-    fields = {as_text(k): as_text(v) for k, v in raw.items()}
+    fields: dict[str, Any] = {as_text(k): as_text(v) for k, v in raw.items()}
     result = fields.pop("result", None)
+    for name in JSON_FIELDS:
+        if name in fields:
+            fields[name] = json.loads(fields[name])
     return JobRecord.model_validate(
         {
             **fields,
@@ -224,8 +255,6 @@ def parse_record(raw: Mapping[Any, Any]) -> JobRecord | None:
 
 def _stage_create(pipe: Any, keys: Keys, new: NewJob, *, ttl_s: int) -> JobRecord:
     """Queue the commands that store a new job on ``pipe`` (sync or async pipeline alike)."""
-    if (new.upload is None) == (new.text is None):
-        raise ValueError("a job has either an upload or a text")
     created = now()
     record = new_record(
         new.job_id,
@@ -234,6 +263,8 @@ def _stage_create(pipe: Any, keys: Keys, new: NewJob, *, ttl_s: int) -> JobRecor
         gallery=new.gallery,
         text=new.text,
         owner=new.owner,
+        kind=new.kind,
+        options=new.options,
     )
     if new.upload is not None:
         pipe.set(keys.upload(new.job_id), new.upload, ex=ttl_s)
@@ -412,6 +443,11 @@ class JobStore:
         replies = self._pipelined(build)
         return [int(reply) == 1 for reply in replies[: len(results)]]
 
+    def finish_keys(self, job_id: str) -> list[str]:
+        """The keys that ending a job touches: its hash, its events channel, the pending
+        set, its upload (in the order the scripts that end jobs take them)."""
+        return self._end_keys(job_id)
+
     def _end_keys(self, job_id: str) -> list[str]:
         k = self.keys
         return [k.job(job_id), k.events(job_id), k.pending, k.upload(job_id)]
@@ -428,6 +464,7 @@ class AsyncJobStore:
         self.client = client
         self.keys = Keys(prefix)
         self.ttl_s = ttl_s
+        self.live = LiveKeys(prefix)
         self._submit = client.register_script(_SUBMIT)
 
     async def submit(
@@ -441,13 +478,11 @@ class AsyncJobStore:
     ) -> list[JobRecord] | None:
         """Store jobs and queue their task ``messages`` on ``queue``, in one atomic step;
         None (nothing stored) when the ``waiting`` queues would hold more than
-        ``max_waiting`` messages."""
+        ``max_waiting`` messages. (A job on a live gallery records the gallery's version.)"""
         keys = [self.keys.pending, queue, *waiting]
         args: list[str | bytes | int | float] = [max_waiting, self.ttl_s, len(waiting)]
         records = []
         for new, message in zip(jobs, messages, strict=True):
-            if (new.upload is None) == (new.text is None):
-                raise ValueError("a job has either an upload or a text")
             created = now()
             record = new_record(
                 new.job_id,
@@ -456,15 +491,18 @@ class AsyncJobStore:
                 gallery=new.gallery,
                 text=new.text,
                 owner=new.owner,
+                kind=new.kind,
+                options=new.options,
             )
-            keys += [self.keys.job(new.job_id), self.keys.upload(new.job_id)]
-            args += [
-                new.job_id,
-                created.timestamp(),
-                json.dumps(record),
-                new.upload or b"",
-                message,
+            adding = str((new.options or {}).get("item_id", "")) if new.kind == JobKind.ADD else ""
+            keys += [
+                self.keys.job(new.job_id),
+                self.keys.upload(new.job_id),
+                self.live.gallery(new.gallery),
+                self.live.pending(new.gallery),
             ]
+            upload = new.upload or b""
+            args += [new.job_id, created.timestamp(), json.dumps(record), upload, message, adding]
             parsed = parse_record(record)
             assert parsed is not None
             records.append(parsed)

@@ -63,6 +63,12 @@ DEFINITIONS: dict[str, Definition] = {
     "lookalike_job_stage_seconds": Definition(
         "histogram", "Time in each stage of a job (decode, embed, search).", STAGE_BUCKETS
     ),
+    "lookalike_items_added_total": Definition(
+        "counter", "Items added to (or replaced in) a live gallery, by gallery."
+    ),
+    "lookalike_items_deleted_total": Definition(
+        "counter", "Items deleted from a live gallery, by gallery."
+    ),
     "lookalike_batch_size": Definition(
         "histogram", "Jobs embedded in one forward pass.", BATCH_BUCKETS
     ),

@@ -18,6 +18,7 @@ from celery.signals import task_postrun, task_prerun
 
 from shared.celery_config import SEARCH_TASK, make_celery
 from shared.jobs import JobStore
+from shared.live import LiveStore
 from shared.metrics import Metrics
 from shared.redis_clients import sync_client
 from shared.settings import Settings, get_settings
@@ -46,6 +47,17 @@ def store() -> JobStore:
             ttl_s=settings.storage.job_ttl_s,
         )
     return _store
+
+
+_live: LiveStore | None = None
+
+
+def live_store() -> LiveStore:
+    """Live galleries (shared.live), on this process's Redis client."""
+    global _live
+    if _live is None:
+        _live = LiveStore(store().client, prefix=settings.storage.key_prefix)
+    return _live
 
 
 _metrics: Metrics | None = None

@@ -14,14 +14,19 @@ import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
+import numpy as np
+import numpy.typing as npt
 import torch
 
 from shared.errors import IndexMismatch, JobFailed
 from shared.galleries import FashionMnistSource, read_manifest
+from shared.live import LiveStore
+from shared.schemas import Match
 from shared.settings import FASHION_MNIST, Settings
 from worker.encoder import ClipImageEncoder, index_batch_size, load_encoder
+from worker.filters import Mask
 from worker.index import (
     GalleryIndex,
     build_index,
@@ -31,12 +36,40 @@ from worker.index import (
     own_gallery_dirs,
     probe_thumbnails,
 )
+from worker.live import LiveGalleries, embedding_field, start_following
 from worker.text_encoder import ClipTextEncoder, load_text_encoder
 
 log = logging.getLogger(__name__)
 
 UNKNOWN_GALLERY = "The gallery {name!r} is not served by this worker."
 TEXT_OFF = "Text search is off on this worker (LOOKALIKE_TEXT_SEARCH=off)."
+
+
+class Searchable(Protocol):
+    """A gallery as a search sees it, built (worker.index.GalleryIndex) or live
+    (worker.live.LiveGallery): rows of a matrix, each an item with an id and attributes."""
+
+    name: str
+
+    def __len__(self) -> int: ...
+
+    @property
+    def kind(self) -> str: ...
+
+    @property
+    def matrix(self) -> torch.Tensor: ...
+
+    def candidates(self) -> Mask | None: ...
+
+    def row_of(self, item_id: str) -> int | None: ...
+
+    def item_id(self, row: int) -> str: ...
+
+    def embedding_of(self, row: int) -> npt.NDArray[np.float32]: ...
+
+    def filter_mask(self, conditions: Any, rows: int) -> Mask: ...
+
+    def match(self, row: int, *, rank: int, score: float) -> Match: ...
 
 
 @dataclass
@@ -47,17 +80,37 @@ class Engine:
     load_seconds: float
     text_encoder: ClipTextEncoder | None = None
     refused: dict[str, str] = field(default_factory=dict)
+    live: LiveGalleries | None = None
 
     @property
     def index(self) -> GalleryIndex:
         """The default gallery's index."""
         return self.galleries[self.default_gallery]
 
+    @property
+    def embedding_field(self) -> str:
+        """Where a live gallery's item keeps this model's embedding."""
+        return embedding_field(self.encoder.model_id, self.encoder.preprocessing_digest)
+
     def gallery(self, name: str) -> GalleryIndex:
         try:
             return self.galleries[name]
         except KeyError:
             raise JobFailed(UNKNOWN_GALLERY.format(name=name), reason="unknown_gallery") from None
+
+    def searchable(self, name: str, *, version: int | None = None) -> Searchable:
+        """A built gallery, or a live one with at least the changes up to ``version`` (the
+        version a job was accepted at) applied."""
+        built = self.galleries.get(name)
+        if built is not None:
+            return built
+        gallery = self.live.get(name) if self.live is not None else None
+        if gallery is None:
+            raise JobFailed(UNKNOWN_GALLERY.format(name=name), reason="unknown_gallery")
+        if version is not None and gallery.version < version:
+            assert self.live is not None
+            gallery = self.live.catch_up(gallery, version)
+        return gallery
 
     @property
     def modes(self) -> dict[str, bool]:
@@ -138,6 +191,24 @@ def load_engine(settings: Settings, *, build_missing: bool = False) -> Engine:
         text_encoder=text_encoder,
         refused=refused,
     )
+
+
+def attach_live(engine: Engine, store: LiveStore, *, max_pixels: int) -> threading.Event:
+    """Load every live gallery into ``engine`` and follow their changes in a thread (set the
+    returned event to stop it)."""
+    encoder = engine.encoder
+    galleries = LiveGalleries(
+        store=store,
+        embedding_field=engine.embedding_field,
+        dim=encoder.dim,
+        device=encoder.device,
+        dtype=torch.float32 if encoder.device == "cpu" else encoder.dtype,
+        embed=encoder.embed,
+        max_pixels=max_pixels,
+    )
+    galleries.load_all()
+    engine.live = galleries
+    return start_following(galleries)
 
 
 def _gallery_name(directory: Path) -> str:

@@ -31,6 +31,7 @@ import time
 from collections.abc import Callable, Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
+from functools import cached_property
 from pathlib import Path
 from typing import Any
 
@@ -53,9 +54,10 @@ from shared.galleries import (
     write_thumbnail_pack,
 )
 from shared.images import to_rgb
-from shared.schemas import Embeddings
+from shared.schemas import Embeddings, Match, gallery_image_url
 from worker import loader
 from worker.encoder import EQUIVALENCE_MIN_COSINE, ClipImageEncoder
+from worker.filters import Columns, Mask
 from worker.preprocess import PIL_TORCH, PROCESSOR
 
 log = logging.getLogger(__name__)
@@ -380,6 +382,9 @@ def progress_bar(
 # --- loading and searching -------------------------------------------------------------------
 
 
+CLASS_ATTRIBUTE = "class"  # a built gallery's items' attribute: Fashion-MNIST's or the sub-folder
+
+
 @dataclass
 class GalleryIndex:
     """A loaded index: the matrix (memory-mapped) and its labels, searched on ``device``."""
@@ -401,6 +406,49 @@ class GalleryIndex:
     ) -> tuple[npt.NDArray[np.float32], npt.NDArray[np.int64]]:
         """Top-``k`` cosine matches of each query row: one matrix product and one top-k."""
         return top_k(self.matrix, queries, k=k)
+
+    # The search's view of a gallery (worker.engine.Searchable): an item is a row, its id
+    # is its position, its one attribute its class.
+
+    @property
+    def kind(self) -> str:
+        return self.manifest.kind
+
+    @cached_property
+    def columns(self) -> Columns:
+        return Columns.of_labels(CLASS_ATTRIBUTE, self.labels, self.class_names)
+
+    def candidates(self) -> Mask | None:
+        return None  # every row is an item
+
+    def row_of(self, item_id: str) -> int | None:
+        if not item_id.isdecimal() or len(item_id) > 9:
+            return None
+        row = int(item_id)
+        return row if row < len(self) else None
+
+    def item_id(self, row: int) -> str:
+        return str(row)
+
+    def embedding_of(self, row: int) -> npt.NDArray[np.float32]:
+        return np.asarray(self.embeddings[row], dtype=np.float32)
+
+    def filter_mask(self, conditions: Any, rows: int) -> Mask:
+        return self.columns.mask(conditions, rows)
+
+    def match(self, row: int, *, rank: int, score: float) -> Match:
+        label = int(self.labels[row])
+        return Match(
+            rank=rank,
+            item_id=str(row),
+            attributes={CLASS_ATTRIBUTE: self.class_names[label]},
+            index=row,
+            label=label,
+            label_name=self.class_names[label],
+            score=score,
+            image_url=gallery_image_url(self.name, row),
+            path=self.paths[row] if self.paths is not None else None,
+        )
 
     def summary(self, *, default: bool) -> dict[str, Any]:
         """What a worker advertises about this gallery (see /galleries)."""

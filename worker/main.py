@@ -26,7 +26,7 @@ log = logging.getLogger("lookalike.worker")
 
 def run_worker(*, build_missing: bool, loglevel: str = "INFO", only_build: bool = False) -> int:
     import worker.celery_app as celery_app
-    from worker.engine import get_engine
+    from worker.engine import attach_live, get_engine
     from worker.heartbeat import Heartbeat, worker_name
 
     settings = celery_app.settings
@@ -46,6 +46,10 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO", only_build: bool 
     if only_build:  # the index is there now; the workers that serve it start next
         heartbeat.stop()
         return 0
+    heartbeat.update(state="loading", reason="loading the live galleries")
+    stop_following = attach_live(
+        engine, celery_app.live_store(), max_pixels=settings.storage.max_image_pixels
+    )
     ready = dict(
         state="ready",
         reason=None,
@@ -109,6 +113,7 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO", only_build: bool 
         worker.start()
         return int(worker.exitcode or 0)
     finally:
+        stop_following.set()
         stop_reconciler.set()
         metrics.stop()
         heartbeat.stop()

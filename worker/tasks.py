@@ -17,7 +17,7 @@ import redis
 
 from shared.celery_config import INDEX_CHUNK_TASK, SEARCH_TASK, search_queues
 from worker.batching import ReconnectingBatches
-from worker.celery_app import app, metrics, settings, store
+from worker.celery_app import app, live_store, metrics, settings, store
 from worker.distributed import compute_chunk
 from worker.engine import get_engine
 from worker.heartbeat import worker_name
@@ -35,6 +35,7 @@ def answer(job_ids: Sequence[str]) -> None:
         max_pixels=settings.storage.max_image_pixels,
         max_attempts=settings.broker.max_attempts,
         metrics=metrics(),
+        live=live_store(),
     )
 
 

@@ -19,7 +19,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.limits import TOO_LARGE, TOO_LARGE_BATCH, human_size
-from api.routes import TEXT_OFF, UNKNOWN_GALLERY
+from api.submit import TEXT_OFF, UNKNOWN_GALLERY
 from api.uploads import (
     BAD_GALLERY,
     BAD_JSON,

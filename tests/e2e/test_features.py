@@ -470,7 +470,7 @@ def test_json_logs_follow_one_job_from_the_api_through_the_worker(
 
     assert [r["stage"] for r in api] == ["accept"]
     assert api[0]["kind"] == "image"
-    assert api[0]["logger"] == "api.routes"
+    assert api[0]["logger"] == "api.submit"
     assert [r["stage"] for r in worker] == ["start", "decode", "embed", "search", "end"]
     assert worker[-1]["status"] == "succeeded"
     assert worker[0]["attempt"] == 1

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.routes import QUEUE_FULL
+from api.submit import QUEUE_FULL
 from lookalike.bench.service import make_payloads, run_bench, summarise
 from tests.stacks import fault_stack
 from tests.support import gallery_png
