@@ -164,7 +164,7 @@ async def create_gallery(
 ) -> GallerySummary:
     _name(name)
     view = await fleet.view()
-    if name in view.galleries:
+    if name in view.galleries or name == state.settings.gallery.name:
         raise HTTPException(409, NAME_TAKEN.format(name=name))
     models = {str(w.get("model")) for w in view.ready}
     model = models.pop() if len(models) == 1 else state.settings.model.name

@@ -61,9 +61,11 @@ async def target(
     built = view.galleries.get(name)
     if built is not None:
         return Target(name, None, int(built.get("size", 0)))
-    live = await live_gallery(state, name, owner)
-    if live is not None:
-        return Target(name, live, None)
+    meta = await state.live.meta(name)
+    if meta is not None:  # live: the caller's, or as good as absent
+        if (meta.get("owner") or None) != owner:
+            raise HTTPException(422, UNKNOWN_GALLERY.format(name=name))
+        return Target(name, meta, None)
     if view.ready:
         raise HTTPException(422, UNKNOWN_GALLERY.format(name=name))
     return Target(name, None, None)

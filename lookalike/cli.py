@@ -1,4 +1,5 @@
-"""The ``lookalike`` command line: serve, api, worker, index build, query, bench, eval.
+"""The ``lookalike`` command line: serve, api, worker, index build, gallery add, query, bench,
+eval.
 
 Every command reads the same ``LOOKALIKE_*`` settings. Heavy imports (torch, the worker) are
 made inside the commands that need them, so ``lookalike api`` and ``lookalike query`` stay
@@ -23,6 +24,22 @@ from shared.settings import MAX_K, load_settings
 DEFAULT_API_URL = "http://127.0.0.1:8000"
 EXIT_USAGE = 2  # also what `lookalike serve` reads as "this part cannot start"
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
+GALLERY_ADD_HELP = """\
+Send images into a live gallery, --concurrency at a time, each added once its job succeeded.
+
+From a FOLDER: every .jpg .jpeg .png .webp .gif .bmp .tif .tiff file under it (any case).
+An item's id is its path under FOLDER without the extension, folders joined by '.' and any
+character other than letters, digits, '-', '_', '.' and ':' turned into '_':
+shoes/red shoe.JPG becomes shoes.red_shoe. No attributes are sent. Files that come to the
+same id (a.png and a.jpg): the first in name order is sent, the others are refused.
+
+From --manifest: one JSON object a line,
+  {"id": "sku-1", "path": "img/1.jpg", "attributes": {"colour": "red", "price": 30}}
+a path relative to the manifest's folder (or absolute); a malformed line is refused.
+
+Run it again to resume: an item already indexed with the same bytes (and, from a manifest,
+the same attributes) is skipped. Exit status 0 when every item is there, 1 when some were
+refused or failed (listed at the end), 2 when the command cannot start."""
 
 
 def _setup_logging() -> None:
@@ -102,6 +119,12 @@ def cmd_index_build(args: argparse.Namespace) -> int | str:
     from lookalike.build import cmd_index_build as build
 
     return build(args, load_settings())
+
+
+def cmd_gallery_add(args: argparse.Namespace) -> int | str:
+    from lookalike.catalogue import cmd_gallery_add as add
+
+    return add(args)
 
 
 def cmd_query(args: argparse.Namespace) -> int | str:
@@ -242,6 +265,46 @@ def build_parser() -> argparse.ArgumentParser:
     build.add_argument("--force", action="store_true", help="rebuild even if it exists")
     build.add_argument("--no-progress", action="store_true", help="no progress bar")
     build.set_defaults(func=cmd_index_build)
+
+    gallery = commands.add_parser("gallery", help="live galleries")
+    gallery_commands = gallery.add_subparsers(dest="gallery_command", required=True)
+    add = gallery_commands.add_parser(
+        "add",
+        help="send a folder of images, or a manifest's items, to a live gallery",
+        description=GALLERY_ADD_HELP,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    add.add_argument("name", metavar="NAME", help="the live gallery (made if it does not exist)")
+    add.add_argument(
+        "folder", metavar="FOLDER", nargs="?", help="every image file under it, sub-folders too"
+    )
+    add.add_argument("--manifest", metavar="JSONL", help="the items to send, a JSON object a line")
+    add.add_argument(
+        "--concurrency",
+        type=int,
+        default=16,
+        metavar="N",
+        help="items in flight at once (default 16)",
+    )
+    add.add_argument(
+        "--timeout",
+        type=float,
+        default=300.0,
+        metavar="SECONDS",
+        help="seconds one item's add may take (default 300)",
+    )
+    add.add_argument("--no-progress", action="store_true", help="no progress bar")
+    add.add_argument(
+        "--api-key",
+        default=os.environ.get("LOOKALIKE_API_KEY"),
+        help="sent as a Bearer token (default LOOKALIKE_API_KEY)",
+    )
+    add.add_argument(
+        "--url",
+        default=os.environ.get("LOOKALIKE_API_URL", DEFAULT_API_URL),
+        help="the service (default LOOKALIKE_API_URL, else http://127.0.0.1:8000)",
+    )
+    add.set_defaults(func=cmd_gallery_add)
 
     query = commands.add_parser("query", help="submit an image (or --text) and print its matches")
     query.add_argument("image", nargs="?", help="the image file")

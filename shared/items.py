@@ -30,6 +30,7 @@ MAX_CONDITIONS = 16
 MAX_IN = 100
 MAX_EXCLUDE = 1000
 RANGE_OPS = ("lt", "lte", "gt", "gte")
+MAX_INTEGER = 2**53  # integers beyond this are not exact as float64
 
 BAD_ITEM_ID = "item_id must be 1 to 128 letters, digits, '-', '_', '.' or ':'."
 BAD_ITEM = "item must be the id of an item of the gallery (1 to 128 letters, digits, '-_.:')."
@@ -52,11 +53,20 @@ class FieldRefused(RequestRefused):
     """A field of a request is malformed; ``str(self)`` is the 422's sentence."""
 
 
+def _number(value: object) -> bool:
+    """A JSON number the filters can compare (as a float64): finite, integers up to 2**53."""
+    if isinstance(value, bool):
+        return False
+    if isinstance(value, int):
+        return abs(value) <= MAX_INTEGER
+    return isinstance(value, float) and math.isfinite(value)
+
+
 def _scalar(value: object) -> bool:
-    if isinstance(value, bool | int):
+    if isinstance(value, bool):
         return True
-    if isinstance(value, float):
-        return math.isfinite(value)
+    if isinstance(value, int | float):
+        return _number(value)
     return isinstance(value, str) and len(value) <= MAX_STRING
 
 
@@ -119,22 +129,18 @@ def _check_operators(condition: dict[str, Any]) -> None:
         if not all(_scalar(option) for option in options):
             raise FieldRefused(BAD_FILTER)
     for op in RANGE_OPS:
-        if op in condition:
-            bound = condition[op]
-            if isinstance(bound, bool) or not isinstance(bound, int | float):
-                raise FieldRefused(BAD_FILTER)
-            if not math.isfinite(bound):
-                raise FieldRefused(BAD_FILTER)
+        if op in condition and not _number(condition[op]):
+            raise FieldRefused(BAD_FILTER)
 
 
 def min_score(raw: object) -> float | None:
     if raw is None or raw == "":
         return None
-    if isinstance(raw, bool):
+    if isinstance(raw, bool) or (isinstance(raw, int) and not _number(raw)):
         raise FieldRefused(BAD_MIN_SCORE)
     try:
         value = float(raw) if isinstance(raw, str | int | float) else math.nan
-    except ValueError:
+    except (ValueError, OverflowError):
         raise FieldRefused(BAD_MIN_SCORE) from None
     if not -1.0 <= value <= 1.0:  # NaN fails too
         raise FieldRefused(BAD_MIN_SCORE)

@@ -99,7 +99,11 @@ for j = 0, n - 1 do
     fields[#fields + 1] = 'gallery_version'
     fields[#fields + 1] = version
   end
-  if ARGV[a + 5] ~= '' then redis.call('HSET', adds, ARGV[a + 5], ARGV[a]) end
+  if ARGV[a + 5] ~= '' then  -- an add: pending, and numbered (the later add of an item wins)
+    redis.call('HSET', adds, ARGV[a + 5], ARGV[a])
+    fields[#fields + 1] = 'add_seq'
+    fields[#fields + 1] = redis.call('HINCRBY', gallery, 'adds', 1)
+  end
   redis.call('HSET', job, unpack(fields))
   redis.call('EXPIRE', job, ttl)
   if ARGV[a + 3] ~= '' then redis.call('SET', upload, ARGV[a + 3], 'EX', ttl) end
@@ -221,6 +225,7 @@ class JobRecord(Job):
     worker: str | None = None
     computed: int = 0
     gallery_version: int = 0  # a live gallery's version when the job was accepted
+    add_seq: int = 0  # an add's number among its gallery's accepted adds
     attributes: dict[str, Any] | None = None  # an add's
     sha256: str | None = None  # an add's: of the uploaded bytes
 

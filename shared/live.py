@@ -4,16 +4,18 @@ Redis is the one place an item lives (with its append-only file, an acknowledged
 survives any restart); it is all that hosts need to share. Per gallery ``g``::
 
     <p>:live                      set of live gallery names
-    <p>:live:<g>                  hash: name, owner, model, created_at, updated_at, version
+    <p>:live:<g>                  hash: name, owner, model, created_at, updated_at, version,
+                                  adds (adds accepted: each add job's number)
     <p>:live:<g>:items            sorted set: item id -> the version that last added it
     <p>:live:<g>:item:<id>        hash: attributes (JSON), sha256, image (what the model
                                   takes: pixels, or a JPEG of them), added_at, accepted
-                                  (version the add was accepted at), emb:<model> (float16)
+                                  (version the add was accepted at), seq (its number among
+                                  the gallery's adds), emb:<model> (float16)
     <p>:live:<g>:sha              hash: sha256 of the uploaded bytes -> first item id with them
     <p>:live:<g>:gone             hash: item id -> the version that deleted it
     <p>:live:<g>:pending          hash: item id -> job id of an add not yet committed
     <p>:live:<g>:log              stream of changes: v (version), op (add | del), id
-    <p>:live:log                  stream of created galleries: op (create), name
+    <p>:live-log                  stream of created galleries: op (create), name
 
 Every change bumps the gallery's ``version`` and appends to its log, in the same script. A job
 records the version of its gallery when it is accepted; a worker applies the log up to that
@@ -73,7 +75,8 @@ return v
 # index, tombstones, log, pending adds, the job hash, its events channel, the pending-jobs
 # set, the job's upload. ARGV: item id, job id, accepted version, embedding field, embedding,
 # attributes JSON, sha256, image, now, result JSON (with "item":null, filled in here), log max
-# length, gallery name.
+# length, gallery name, the add's number (shared.jobs: accepted adds of a gallery are numbered,
+# so of two adds of an item the later accepted wins, whichever commits first).
 # Returns: 1 committed; 2 dropped (deleted after it was accepted); 3 superseded (a newer add of
 # the item is in); 0 the job had already ended (a redelivery); -2 the job is gone.
 _COMMIT = """
@@ -86,10 +89,11 @@ local item = {id = ARGV[1], gallery = ARGV[12], state = 'indexed', version = cjs
   duplicate_of = cjson.null}
 local outcome = 1
 local gone = redis.call('HGET', KEYS[5], ARGV[1])
-local current = redis.call('HGET', KEYS[3], 'accepted')
+local seq = tonumber(ARGV[13])
+local current = redis.call('HGET', KEYS[3], 'seq')
 if gone and tonumber(gone) > accepted then
   outcome = 2
-elseif current and tonumber(current) > accepted then
+elseif current and tonumber(current) > seq then
   outcome = 3
 end
 if outcome == 1 then
@@ -103,7 +107,7 @@ if outcome == 1 then
   end
   redis.call('DEL', KEYS[3])
   redis.call('HSET', KEYS[3], 'attributes', ARGV[6], 'sha256', ARGV[7], 'image', ARGV[8],
-    'added_at', ARGV[9], 'accepted', accepted, ARGV[4], ARGV[5])
+    'added_at', ARGV[9], 'accepted', accepted, 'seq', seq, ARGV[4], ARGV[5])
   local v = redis.call('HINCRBY', KEYS[1], 'version', 1)
   redis.call('HSET', KEYS[1], 'updated_at', ARGV[9])
   redis.call('ZADD', KEYS[2], v, ARGV[1])
@@ -144,7 +148,7 @@ class LiveKeys:
     def __init__(self, prefix: str) -> None:
         self.prefix = prefix
         self.galleries = f"{prefix}:live"
-        self.log = f"{prefix}:live:log"
+        self.log = f"{prefix}:live-log"  # beside the galleries' keys, never one of them
 
     def gallery(self, name: str) -> str:
         return f"{self.prefix}:live:{name}"
@@ -277,6 +281,7 @@ class LiveStore:
         item_id: str,
         job_id: str,
         accepted: int,
+        add_seq: int,
         embedding_field: str,
         embedding: bytes,
         attributes: str,
@@ -300,6 +305,7 @@ class LiveStore:
             result,
             LOG_MAXLEN,
             gallery,
+            add_seq,
         ]
         return int(self._commit(keys=keys, args=args))
 

@@ -408,6 +408,7 @@ def _commit_add(
         item_id=job.item_id or "",
         job_id=job.id,
         accepted=job.gallery_version,
+        add_seq=job.add_seq,
         embedding_field=engine.embedding_field,
         embedding=item.query.astype(np.float16).tobytes(),
         attributes=json.dumps(job.attributes or {}),

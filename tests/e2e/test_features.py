@@ -348,6 +348,7 @@ def test_galleries_lists_the_default_gallery(client: httpx.Client, tiny_clip_dir
                 "kind": FASHION_MNIST,
                 "classes": list(CLASS_NAMES),
                 "default": True,
+                "updated_at": None,
             }
         ],
     }

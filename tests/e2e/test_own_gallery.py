@@ -227,6 +227,7 @@ def test_galleries_lists_the_default_and_the_own_gallery(
         "kind": "folder",
         "classes": CLASSES,
         "default": False,
+        "updated_at": None,
     }
     assert listed["galleries"][0]["default"] is True
 

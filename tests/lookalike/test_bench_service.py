@@ -202,8 +202,9 @@ class ScriptedService:
             self.submissions += 1
             if self.submissions <= 3:
                 return JSONResponse({"detail": "full"}, 429, headers={"Retry-After": "0"})
+            body = await request.body()  # (read before numbering: requests interleave here)
             job_id = f"job{len(self.jobs)}"
-            self.jobs[job_id] = b"image/png" in await request.body()
+            self.jobs[job_id] = b"image/png" in body
             return JSONResponse({"id": job_id, "status": "queued"}, 202)
 
         async def poll(request: Request) -> JSONResponse:
