@@ -8,7 +8,7 @@ from fastapi import APIRouter, Depends, Response
 from fastapi.concurrency import run_in_threadpool
 from fastapi.responses import JSONResponse
 
-from api.deps import FleetDep, MetricsDep, SettingsDep, StoreDep, api_key
+from api.deps import FleetDep, LiveDep, MetricsDep, SettingsDep, StoreDep, api_key
 from api.schemas import Health, Readiness, problem_responses
 from shared.celery_config import search_queues
 from shared.metrics import read_stored, render
@@ -61,7 +61,7 @@ def _not_ready(reason: str) -> JSONResponse:
     dependencies=[Depends(api_key)],
 )
 async def metrics(
-    settings: SettingsDep, store: StoreDep, own: MetricsDep, fleet: FleetDep
+    settings: SettingsDep, store: StoreDep, own: MetricsDep, fleet: FleetDep, live: LiveDep
 ) -> Response:
     await run_in_threadpool(own.flush)
     stored = read_stored(await store.client.hgetall(own.key))
@@ -72,7 +72,14 @@ async def metrics(
     for worker in view.workers:
         state = str(worker.get("state"))
         states[state] = states.get(state, 0) + 1
+    sizes = {name: int(g.get("size", 0)) for name, g in view.galleries.items()}
+    names = [name for name in await live.names() if name not in sizes]
+    sizes |= await live.counts(names)
     gauges = [
+        *(
+            ("lookalike_gallery_items", "Items in a gallery (built or live).", {"gallery": g}, n)
+            for g, n in sorted(sizes.items())
+        ),
         *(
             ("lookalike_queue_length", "Jobs waiting in a broker queue.", {"queue": q}, float(n))
             for q, n in queues.items()

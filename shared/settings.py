@@ -208,9 +208,11 @@ class ApiSettings(_Group):
     max_connections: int = Field(4096, validation_alias="LOOKALIKE_MAX_CONNECTIONS")
     # Seconds a connection has to send a complete request line and headers (slowloris).
     header_timeout_s: float = Field(10.0, validation_alias="LOOKALIKE_HEADER_TIMEOUT")
-    # Seconds an idle keep-alive connection is kept after a response; behind a load balancer
-    # set it longer than the balancer's own idle timeout.
-    keepalive_timeout_s: float = Field(5.0, validation_alias="LOOKALIKE_KEEPALIVE_TIMEOUT")
+    # Seconds an idle keep-alive connection is kept after a response. Longer than clients' own
+    # idle expiry (httpx: 5 s), so that the client closes an idle connection first: a request
+    # sent just as the server closes its connection fails. Behind a load balancer set it
+    # longer than the balancer's idle timeout.
+    keepalive_timeout_s: float = Field(15.0, validation_alias="LOOKALIKE_KEEPALIVE_TIMEOUT")
 
     @field_validator("api_keys")
     @classmethod

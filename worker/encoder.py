@@ -36,6 +36,7 @@ from shared.errors import ModelLoadError
 from shared.images import InputSpec
 from shared.schemas import Embeddings
 from shared.settings import RANDOM_MODEL_PREFIX, ModelSettings
+from worker import int8
 from worker.preprocess import (
     PIL_TORCH,
     PROCESSOR,
@@ -259,7 +260,8 @@ def load_encoder(
 
     On CPU, a faster path replaces fp32 only if its embeddings of the probes (gallery images,
     or the stored probe pixels of the indexes it will serve) keep cosine >= 0.995 with fp32's:
-    int8 dynamic quantisation of the linear layers, else bf16 where the CPU supports it.
+    int8 linear layers (worker.int8: activations quantised per token, so an embedding never
+    depends on its batch), else bf16 where the CPU supports it.
     """
     name = settings.name
     if settings.threads:
@@ -332,17 +334,24 @@ def bf16_supported() -> bool:
         return False
 
 
-def _int8(model: torch.nn.Module) -> torch.nn.Module:
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        quantised: torch.nn.Module = torch.ao.quantization.quantize_dynamic(  # type: ignore[no-untyped-call]
-            model, {torch.nn.Linear}, dtype=torch.qint8
-        )
-    return quantised
-
-
 def _bf16(model: torch.nn.Module) -> torch.nn.Module:
     return copy.deepcopy(model).to(torch.bfloat16)
+
+
+def _extremes(encoder: ClipImageEncoder) -> torch.Tensor:
+    """Model inputs of uploads unlike any gallery image (black, white, noise, stripes): the
+    strangers a probe may share a forward pass with in a worker's batch."""
+    side = 64
+    noise = np.random.default_rng(1).integers(0, 256, size=(side, side, 3), dtype=np.uint8)
+    stripes = np.zeros((side, side, 3), dtype=np.uint8)
+    stripes[:, ::2] = 255
+    images = [
+        Image.new("RGB", (side, side), (0, 0, 0)),
+        Image.new("RGB", (side, side), (255, 255, 255)),
+        Image.fromarray(noise),
+        Image.fromarray(stripes),
+    ]
+    return encoder.input_pixels(images)
 
 
 def _worst_cosine(
@@ -352,19 +361,27 @@ def _worst_cosine(
     pixels: torch.Tensor,
     reference: Embeddings,
 ) -> float:
-    """The worst cosine with fp32 of the probes embedded together and one by one (dynamic
-    quantisation scales activations per batch, so both can differ)."""
+    """The worst cosine with fp32 of the probes embedded together, one by one, and each in a
+    pass with strangers (a path that scaled activations per pass would make an image's
+    embedding depend on what else is in its batch: a search must not)."""
     trial = dataclasses.replace(encoder, model=model, dtype=dtype, max_forward=None, notes=[])
     batched = trial.embed_pixels(pixels)
     alone = np.concatenate([trial.embed_pixels(pixels[i : i + 1]) for i in range(len(pixels))])
+    strangers = _extremes(encoder).to(pixels.device, pixels.dtype)
+    mixed = np.concatenate(
+        [
+            trial.embed_pixels(torch.cat([pixels[i : i + 1], strangers]))[:1]
+            for i in range(len(pixels))
+        ]
+    )
     return float(
-        min(np.min(np.sum(reference * batched, axis=1)), np.min(np.sum(reference * alone, axis=1)))
+        min(np.min(np.sum(reference * found, axis=1)) for found in (batched, alone, mixed))
     )
 
 
 def choose_cpu_paths(encoder: ClipImageEncoder, pixels: torch.Tensor, *, mode: str) -> None:
     """Replace fp32 by a faster CPU path that keeps the embeddings (checked here, on the
-    probes, against fp32): int8 dynamic quantisation in passes of ``INT8_FORWARD`` images
+    probes, against fp32): int8 (worker.int8) in passes of ``INT8_FORWARD`` images
     (``auto``, ``int8``), else bf16 where the CPU has it (``auto``, ``bf16``). A path whose
     worst cosine is below ``FAST_MIN_COSINE`` (a margin over the 0.99 promised for every
     image) is refused."""
@@ -376,7 +393,9 @@ def choose_cpu_paths(encoder: ClipImageEncoder, pixels: torch.Tensor, *, mode: s
             encoder.notes.append("bf16 skipped: this CPU has no native bf16")
             continue
         model, dtype = (
-            (_int8(fp32), torch.float32) if name == "int8" else (_bf16(fp32), torch.bfloat16)
+            (int8.quantise(fp32), torch.float32)
+            if name == "int8"
+            else (_bf16(fp32), torch.bfloat16)
         )
         worst = _worst_cosine(encoder, model, dtype, pixels, reference)
         kept = worst >= FAST_MIN_COSINE

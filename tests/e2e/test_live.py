@@ -21,7 +21,7 @@ from PIL import Image
 
 from lookalike.stack import Stack
 from shared.items import BAD_ATTRIBUTES, BAD_FILTER, BAD_ITEM_ID, BAD_MIN_SCORE
-from tests.stacks import make_stack, started_stack
+from tests.stacks import GALLERY_SIZE, make_stack, started_stack
 from tests.support import wait_job
 
 pytestmark = pytest.mark.e2e
@@ -277,3 +277,22 @@ def test_api_keys_own_their_galleries(
             assert "mine" not in names
     finally:
         stack.stop()
+
+
+def test_metrics_count_adds_deletes_and_items_per_gallery(http: httpx.Client, gallery: str) -> None:
+    for n in range(3):
+        add(http, gallery, f"m{n}", picture(40 + n))
+    assert http.delete(f"/galleries/{gallery}/items/m0").status_code == 204
+    wanted = {
+        f'lookalike_gallery_items{{gallery="{gallery}"}} 2.0',
+        f'lookalike_gallery_items{{gallery="fashion-mnist"}} {GALLERY_SIZE}.0',
+        f'lookalike_items_added_total{{gallery="{gallery}"}} 3.0',
+        f'lookalike_items_deleted_total{{gallery="{gallery}"}} 1.0',
+    }
+    deadline = time.monotonic() + 20  # workers flush their counts every few seconds
+    while True:
+        lines = set(http.get("/metrics").text.splitlines())
+        if wanted <= lines or time.monotonic() > deadline:
+            break
+        time.sleep(0.5)
+    assert wanted <= lines, sorted(line for line in lines if "gallery" in line)

@@ -14,6 +14,7 @@ from PIL import Image
 import worker.encoder as encoder_module
 from shared.errors import ModelLoadError
 from shared.settings import ModelSettings
+from worker import int8
 from worker.encoder import ClipImageEncoder, accelerator_dtype, load_encoder, resolve_device
 
 TINY_DIM = 32
@@ -161,7 +162,7 @@ def test_fast_cpu_auto_refuses_int8_that_moves_embeddings(
             weight.copy_(torch.randn(weight.shape, generator=generator))
         return scrambled
 
-    monkeypatch.setattr(torch.ao.quantization, "quantize_dynamic", scrambling_quantiser)
+    monkeypatch.setattr(int8, "quantise", scrambling_quantiser)
     images = pictures(4)
 
     encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="int8"))
@@ -177,7 +178,7 @@ def test_fast_cpu_auto_keeps_int8_that_keeps_embeddings(
     def faithful_quantiser(model: torch.nn.Module, *args: object, **kwargs: object) -> object:
         return model
 
-    monkeypatch.setattr(torch.ao.quantization, "quantize_dynamic", faithful_quantiser)
+    monkeypatch.setattr(int8, "quantise", faithful_quantiser)
 
     encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="int8"))
 
@@ -189,7 +190,7 @@ def test_int8_embeds_large_batches_in_passes_of_a_few_images(
     tiny_clip_dir: Path, fp32_encoder: ClipImageEncoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(  # the tiny model's int8 verdict is not what this test is about
-        torch.ao.quantization, "quantize_dynamic", lambda model, *a, **k: copy.deepcopy(model)
+        int8, "quantise", lambda model, *a, **k: copy.deepcopy(model)
     )
     encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="int8"))
     passes: list[int] = []
@@ -214,7 +215,7 @@ def test_fast_cpu_auto_falls_back_to_bf16_when_int8_is_refused(
             scrambled.visual_projection.weight.mul_(-1.0)
         return scrambled
 
-    monkeypatch.setattr(torch.ao.quantization, "quantize_dynamic", scrambling_quantiser)
+    monkeypatch.setattr(int8, "quantise", scrambling_quantiser)
     monkeypatch.setattr(encoder_module, "bf16_supported", lambda: True)
     images = pictures(4)
 
