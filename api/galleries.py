@@ -41,7 +41,7 @@ from api.schemas import problem_responses
 from api.submit import decode, live_gallery, refuse_if_full, submit
 from api.uploads import DISCONNECTED, MALFORMED
 from shared import items
-from shared.errors import FileTooLarge, ImageRejected, MultipartRefused
+from shared.errors import FieldRefused, FileTooLarge, ImageRejected, MultipartRefused
 from shared.images import stored_image
 from shared.jobs import JobRecord, NewJob, new_job_id
 from shared.live import StoredItem
@@ -80,7 +80,7 @@ def _name(name: str) -> str:
 def _item_id(item_id: str) -> str:
     try:
         return items.item_id(item_id)
-    except items.FieldRefused as refused:
+    except FieldRefused as refused:
         raise HTTPException(422, str(refused)) from None
 
 
@@ -230,7 +230,7 @@ async def add_item(
     upload, raw_attributes = await _read_add(request, state.settings.storage.max_upload_bytes)
     try:
         attributes = items.attributes(raw_attributes)
-    except items.FieldRefused as refused:
+    except FieldRefused as refused:
         raise HTTPException(422, str(refused)) from None
     await refuse_if_full(state, 1)
     (pixels,) = await decode(state, [upload], spec=view.input_spec, numbered=False)

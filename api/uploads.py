@@ -21,7 +21,7 @@ from starlette.requests import ClientDisconnect
 from api.limits import TOO_LARGE, human_size
 from api.multipart import Form, read_multipart
 from shared import items
-from shared.errors import FileTooLarge, MultipartRefused
+from shared.errors import FieldRefused, FileTooLarge, MultipartRefused
 from shared.settings import GALLERY_NAME, MAX_K
 
 log = logging.getLogger(__name__)
@@ -165,7 +165,7 @@ def _options(fields: dict[str, list[Any]]) -> dict[str, Any]:
             "min_score": items.min_score(fields.get("min_score", [None])[0]),
             "exclude": items.exclude(excluded[0] if len(excluded) == 1 else excluded),
         }
-    except items.FieldRefused as refused:
+    except FieldRefused as refused:
         raise HTTPException(422, str(refused)) from None
 
 

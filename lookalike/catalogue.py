@@ -31,8 +31,8 @@ import httpx
 
 from lookalike.bench.service import retry_after_seconds
 from lookalike.query import detail
-from shared.errors import GalleryError
-from shared.items import ITEM_ID, FieldRefused, Scalar, attributes
+from shared.errors import FieldRefused, GalleryError
+from shared.items import ITEM_ID, Scalar, attributes
 
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".webp", ".gif", ".bmp", ".tif", ".tiff")
 NOT_ID_CHARACTER = re.compile(r"[^A-Za-z0-9_.:-]")

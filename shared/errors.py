@@ -14,8 +14,9 @@ Each carries a short sentence that is safe to show a person::
     ├── RequestRefused             the API refuses a request while reading it
     │   ├── HeadRefused            the request head breaks a limit or is too slow (414, 431, 408)
     │   ├── BodyRefused            the body is too large or too slow (413, 408)
-    │   └── MultipartRefused       the multipart body breaks a limit or is malformed (400)
-    │       └── FileTooLarge       one file of it passed the per-file limit (413)
+    │   ├── MultipartRefused       the multipart body breaks a limit or is malformed (400)
+    │   │   └── FileTooLarge       one file of it passed the per-file limit (413)
+    │   └── FieldRefused           an item id, attributes, filter, min_score... is malformed (422)
     ├── QueryFailed                ``lookalike query``: the service refused or failed the query
     ├── FetchFailed                ``lookalike data fetch``: a file could not be downloaded
     │   └── ChecksumMismatch       a downloaded file is not the published one (names the file)
@@ -97,6 +98,11 @@ class MultipartRefused(RequestRefused):
     def __init__(self, kind: str) -> None:
         super().__init__(kind)
         self.kind = kind  # too_many_files | too_many_fields | field_too_large | malformed...
+
+
+class FieldRefused(RequestRefused):
+    """A field of a request (shared.items) is malformed; ``str(self)`` is the 422's sentence,
+    which names the field."""
 
 
 class FileTooLarge(MultipartRefused):

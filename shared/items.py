@@ -19,7 +19,7 @@ import math
 import re
 from typing import Any
 
-from shared.errors import RequestRefused
+from shared.errors import FieldRefused
 
 ITEM_ID = re.compile(r"[A-Za-z0-9_.:-]{1,128}")
 ATTRIBUTE_NAME = re.compile(r"[A-Za-z0-9_.:-]{1,64}")
@@ -47,10 +47,6 @@ BAD_EXCLUDE = f"exclude must be a list of at most {MAX_EXCLUDE} item ids."
 
 Scalar = str | int | float | bool
 Conditions = dict[str, Scalar | dict[str, Any]]
-
-
-class FieldRefused(RequestRefused):
-    """A field of a request is malformed; ``str(self)`` is the 422's sentence."""
 
 
 def _number(value: object) -> bool:

@@ -4,7 +4,7 @@ scale per output channel) and int8 activations scaled per token.
 torch's dynamic quantisation (``torch.ao.quantization.quantize_dynamic``, deprecated) scales
 a layer's whole input by one number: an image's embedding then depends on the other images of
 its forward pass. In a service that batches strangers' uploads, a gallery image searched for
-itself scored 0.89 instead of 1.0 when a brighter image shared its pass (the tiny random CLIP;
+itself scored 0.89 instead of 1.0 when other uploads shared its pass (the tiny random CLIP;
 tests/worker/test_int8.py). Here each token row is scaled alone, so an image embeds the same
 alone or in any batch, and closer to fp32 (worst cosine over probes 0.9994 against 0.9982 for
 ViT-B/32's shape). torchao's ``Int8DynamicActivationInt8WeightConfig`` does the same

@@ -4,8 +4,10 @@ The benchmark runs beside the service it measures (on a 2-core machine, on the s
 every millisecond of CPU the client spends per request is taken from the service. A general
 client (httpx: h11, anyio, multipart encoding per request) costs several milliseconds per job;
 this one sends prepared bytes on kept-alive connections and parses only what the benchmark
-reads (status, headers, a Content-Length or chunked body), well under one. Like ``wrk``, it is
-a load generator, not a general client.
+reads (status, headers, a Content-Length or chunked body), well under one. Measured on the
+same 600 jobs at concurrency 32 (``python -m lookalike.bench.clients``, 2 cores): httpx
+8.3-8.7 ms of client CPU per job and 106 jobs/s seen, this client 0.36-0.43 ms and 258-320
+jobs/s. Like ``wrk``, it is a load generator, not a general client.
 """
 
 from __future__ import annotations

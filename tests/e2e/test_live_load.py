@@ -70,6 +70,7 @@ class Load:
         self.acknowledged: set[str] = set()  # adds whose job said "indexed"
         self.deleted: set[str] = set()  # deletes answered 204
         self.latency: dict[str, list[float]] = {"add": [], "search": [], "delete": []}
+        self.batches: dict[str, list[int]] = {"add": [], "search": []}  # jobs per forward pass
 
     async def job(self, reply: httpx.Response) -> dict[str, Any]:
         job = await ended(self.client, reply.json(), self.statuses)
@@ -90,6 +91,7 @@ class Load:
         job = await self.job(reply)
         if job["status"] == "succeeded" and job["result"]["item"]["state"] == "indexed":
             self.acknowledged.add(item_id)
+            self.batches["add"].append(job["result"]["batch_size"])
         self.latency["add"].append(time.perf_counter() - t0)
 
     async def search(self, image: bytes, **fields: str) -> None:
@@ -102,8 +104,10 @@ class Load:
         )
         self.statuses[reply.status_code] += 1
         if reply.status_code in (200, 202):
-            await self.job(reply)
+            job = await self.job(reply)
             self.latency["search"].append(time.perf_counter() - t0)
+            if job["status"] == "succeeded":
+                self.batches["search"].append(job["result"]["batch_size"])
 
     async def delete(self, item_id: str) -> None:
         t0 = time.perf_counter()
@@ -206,5 +210,7 @@ def test_adds_deletes_and_searches_interleaved_lose_nothing(load_stack: Stack) -
         f"concurrency {CONCURRENCY} in {seconds:.1f}s "
         f"({(ADDS + SEARCHES) / seconds:.0f} jobs/s); p50 "
         + ", ".join(f"{name} {ms:.0f} ms" for name, ms in p50.items())
+        + "; jobs per batch p50 "
+        + ", ".join(f"{name} {statistics.median(b):.0f}" for name, b in load.batches.items() if b)
         + f"; statuses {dict(sorted(load.statuses.items()))}"
     )

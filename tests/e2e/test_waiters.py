@@ -96,6 +96,10 @@ def test_a_thousand_long_polls_and_streams_on_one_job_all_get_its_end(
             assert last[0] == "event: job", body
             assert json.loads(last[1].removeprefix("data: "))["status"] == "failed"
         assert busiest <= REDIS_CONNECTIONS_MAX
+        print(
+            f"\n{len(polls)} long polls and {len(streams)} streams on one job: statuses "
+            f"{sorted({status for status, _ in replies})}, API Redis connections at most {busiest}"
+        )
         client.close()
     finally:
         stack.stop()

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 
 from shared import items
-from shared.errors import RequestRefused
+from shared.errors import FieldRefused, RequestRefused
 from shared.items import (
     BAD_ATTRIBUTES,
     BAD_EXCLUDE,
@@ -23,7 +23,6 @@ from shared.items import (
     MAX_EXCLUDE,
     MAX_IN,
     MAX_STRING,
-    FieldRefused,
 )
 
 HUGE = 10**400  # a JSON integer no float holds

@@ -60,7 +60,7 @@ def test_a_model_is_copied_with_every_linear_layer_replaced() -> None:
 
 def test_an_image_embeds_the_same_alone_and_in_any_batch(tiny_clip_dir: Path) -> None:
     """What a search needs: a gallery image finds itself at 1.0 whoever shares its pass (with
-    torch's per-tensor dynamic quantisation it scored 0.89 beside a bright image)."""
+    torch's per-tensor dynamic quantisation it scored 0.89 beside other uploads)."""
     fp32 = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="off"))
     encoder = dataclasses.replace(fp32, model=quantise(fp32.model), max_forward=None, notes=[])
     images = bright_and_dark(6)

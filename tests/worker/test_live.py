@@ -365,6 +365,7 @@ def test_the_follower_applies_adds_and_deletes_within_two_seconds(
     seen_delete = time.monotonic() - deleted
 
     assert seen_add < 2.0 and seen_delete < 2.0, (seen_add, seen_delete)
+    print(f"\nfollower: add applied {seen_add * 1000:.1f} ms, delete {seen_delete * 1000:.1f} ms")
     assert following.galleries["shop"] is loaded
     assert loaded.version == 2 and len(loaded) == 0
 
