@@ -217,6 +217,19 @@ class NewJob:
     kind: JobKind | None = None
     options: Mapping[str, Any] | None = None
 
+    def record(self, created_at: datetime) -> dict[str, str]:
+        """The job's hash as stored (:func:`new_record`)."""
+        return new_record(
+            self.job_id,
+            k=self.k,
+            created_at=created_at,
+            gallery=self.gallery,
+            text=self.text,
+            owner=self.owner,
+            kind=self.kind,
+            options=self.options,
+        )
+
 
 class JobRecord(Job):
     """A job as stored: the public :class:`Job` plus bookkeeping never shown to clients."""
@@ -261,16 +274,7 @@ def parse_record(raw: Mapping[Any, Any]) -> JobRecord | None:
 def _stage_create(pipe: Any, keys: Keys, new: NewJob, *, ttl_s: int) -> JobRecord:
     """Queue the commands that store a new job on ``pipe`` (sync or async pipeline alike)."""
     created = now()
-    record = new_record(
-        new.job_id,
-        k=new.k,
-        created_at=created,
-        gallery=new.gallery,
-        text=new.text,
-        owner=new.owner,
-        kind=new.kind,
-        options=new.options,
-    )
+    record = new.record(created)
     if new.upload is not None:
         pipe.set(keys.upload(new.job_id), new.upload, ex=ttl_s)
     pipe.hset(keys.job(new.job_id), mapping=record)
@@ -355,15 +359,7 @@ class JobStore:
 
         def build(pipe: Any) -> None:
             for job_id in job_ids:
-                keys = [self.keys.job(job_id), self.keys.events(job_id), self.keys.pending]
-                args: list[str | float] = [
-                    job_id,
-                    moment.isoformat(),
-                    worker,
-                    moment.timestamp(),
-                    JobStage.EMBEDDING.value,
-                ]
-                self._evalsha(pipe, self._start, keys, args)
+                self._evalsha(pipe, self._start, *self._start_call(job_id, worker, moment))
                 pipe.hgetall(self.keys.job(job_id))
                 pipe.get(self.keys.upload(job_id))
 
@@ -383,16 +379,16 @@ class JobStore:
 
     def start(self, job_id: str, *, worker: str = "") -> int:
         """Mark running and count the attempt; -1 if already final, -2 if gone."""
-        moment = now()
-        keys = [self.keys.job(job_id), self.keys.events(job_id), self.keys.pending]
-        args: list[str | float] = [
-            job_id,
-            moment.isoformat(),
-            worker,
-            moment.timestamp(),
-            JobStage.EMBEDDING.value,
-        ]
+        keys, args = self._start_call(job_id, worker, now())
         return int(self._start(keys=keys, args=args))
+
+    def _start_call(
+        self, job_id: str, worker: str, moment: datetime
+    ) -> tuple[list[str], list[str | float]]:
+        """The keys and arguments of the start script for one job."""
+        keys = [self.keys.job(job_id), self.keys.events(job_id), self.keys.pending]
+        stage = JobStage.EMBEDDING.value
+        return keys, [job_id, moment.isoformat(), worker, moment.timestamp(), stage]
 
     def set_stage(self, job_ids: Sequence[str], stage: JobStage) -> None:
         """Note the stage of running jobs, in one round trip for all."""
@@ -489,16 +485,7 @@ class AsyncJobStore:
         records = []
         for new, message in zip(jobs, messages, strict=True):
             created = now()
-            record = new_record(
-                new.job_id,
-                k=new.k,
-                created_at=created,
-                gallery=new.gallery,
-                text=new.text,
-                owner=new.owner,
-                kind=new.kind,
-                options=new.options,
-            )
+            record = new.record(created)
             adding = str((new.options or {}).get("item_id", "")) if new.kind == JobKind.ADD else ""
             keys += [
                 self.keys.job(new.job_id),

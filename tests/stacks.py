@@ -55,6 +55,26 @@ def service(
     stack.stop()
 
 
+@pytest.fixture(scope="session")
+def live_service(
+    tmp_path_factory: pytest.TempPathFactory,
+    tiny_clip_dir: Path,
+    fake_data_dir: Path,
+    built_index: Path,
+) -> Iterator[Stack]:
+    """Redis + two worker processes + the API, for the tests that change live galleries (each
+    test makes galleries of its own names)."""
+    stack = started_stack(
+        tmp_path_factory.mktemp("live-service"),
+        tiny_clip_dir,
+        fake_data_dir,
+        built_index,
+        workers=2,
+    )
+    yield stack
+    stack.stop()
+
+
 FAULT_GALLERY = 200
 FAST_FAULTS = {
     "LOOKALIKE_MODEL": "random:vit-b-32",

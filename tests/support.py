@@ -52,6 +52,20 @@ def gallery_png(data_dir: Path, index: int) -> bytes:
     return buffer.getvalue()
 
 
+def picture(seed: int, size: int = 48) -> bytes:
+    """A distinct PNG: coarse random blocks of colour, so every seed looks unlike the others."""
+    import io
+
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    coarse = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
+    pixels = np.kron(coarse, np.ones((size // 6, size // 6, 1), dtype=np.uint8))
+    buffer = io.BytesIO()
+    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
 def wait_job(client: httpx.Client, job_id: str, *, timeout: float = 60) -> dict[str, object]:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:

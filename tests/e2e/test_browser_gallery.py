@@ -9,22 +9,18 @@ through Playwright's Python package and skip, saying why, without either.
 
 from __future__ import annotations
 
-import io
 import json
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
 from lookalike.stack import Stack
 from shared.items import BAD_FILTER
 from tests.e2e.test_browser import CHROMIUM, CHROMIUM_ARGS, WAIT_MS, check_matches
-from tests.stacks import started_stack
-from tests.support import gallery_png
+from tests.support import gallery_png, picture
 
 pytestmark = pytest.mark.e2e
 
@@ -34,22 +30,9 @@ ENDED = "#results[data-status='succeeded'], #results[data-status='failed'], " + 
 )
 
 
-@pytest.fixture(scope="module")
-def gallery_stack(
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_clip_dir: Path,
-    fake_data_dir: Path,
-    built_index: Path,
-) -> Iterator[Stack]:
-    stack = started_stack(
-        tmp_path_factory.mktemp("browser-gallery"),
-        tiny_clip_dir,
-        fake_data_dir,
-        built_index,
-        workers=1,
-    )
-    yield stack
-    stack.stop()
+@pytest.fixture
+def gallery_stack(live_service: Stack) -> Stack:
+    return live_service
 
 
 @pytest.fixture(scope="module")
@@ -88,16 +71,6 @@ def page(browser: Any, gallery_stack: Stack) -> Iterator[Any]:
 def http(gallery_stack: Stack) -> Iterator[httpx.Client]:
     with httpx.Client(base_url=gallery_stack.url, timeout=30) as client:
         yield client
-
-
-def picture(seed: int, size: int = 48) -> bytes:
-    """A distinct picture: coarse random blocks, so every seed looks unlike the others."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
-    pixels = np.kron(coarse, np.ones((size // 6, size // 6, 1), dtype=np.uint8))
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 def png(name: str, data: bytes) -> dict[str, Any]:

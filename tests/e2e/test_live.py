@@ -7,7 +7,6 @@ Every test here makes its own gallery (a fresh name), so they share one stack.
 
 from __future__ import annotations
 
-import io
 import json
 import time
 from collections.abc import Iterator
@@ -15,46 +14,21 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
 from lookalike.stack import Stack
 from shared.items import BAD_ATTRIBUTES, BAD_FILTER, BAD_ITEM_ID, BAD_MIN_SCORE
-from tests.stacks import GALLERY_SIZE, make_stack, started_stack
-from tests.support import wait_job
+from tests.stacks import GALLERY_SIZE, make_stack
+from tests.support import picture, wait_job
 
 pytestmark = pytest.mark.e2e
 
 WORKERS = 2
 
 
-def picture(seed: int, size: int = 48) -> bytes:
-    """A distinct picture: coarse random blocks, so every seed looks unlike the others."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
-    pixels = np.kron(coarse, np.ones((size // 6, size // 6, 1), dtype=np.uint8))
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
-
-
-@pytest.fixture(scope="module")
-def live_stack(
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_clip_dir: Path,
-    fake_data_dir: Path,
-    built_index: Path,
-) -> Iterator[Stack]:
-    stack = started_stack(
-        tmp_path_factory.mktemp("live"),
-        tiny_clip_dir,
-        fake_data_dir,
-        built_index,
-        workers=WORKERS,
-    )
-    yield stack
-    stack.stop()
+@pytest.fixture
+def live_stack(live_service: Stack) -> Stack:
+    return live_service  # two workers (WORKERS)
 
 
 @pytest.fixture

@@ -21,9 +21,9 @@ from lookalike.checkpoint import save_random_clip
 from lookalike.redis_server import start_redis
 from lookalike.stack import Stack
 from shared.live import LiveKeys
-from tests.e2e.test_live import add, ids, picture, search
+from tests.e2e.test_live import add, ids, search
 from tests.stacks import fault_stack, make_stack
-from tests.support import wait_job
+from tests.support import picture, wait_job
 
 pytestmark = pytest.mark.e2e
 

@@ -13,16 +13,13 @@ import random
 import statistics
 import time
 from collections import Counter
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 
 from lookalike.stack import Stack
-from tests.e2e.test_live import picture
-from tests.stacks import started_stack
+from tests.support import picture
 
 pytestmark = pytest.mark.e2e
 
@@ -34,18 +31,9 @@ GALLERY = "catalogue"
 CHECK_FILES = 16  # images per verification request (POST /jobs/batch)
 
 
-@pytest.fixture(scope="module")
-def load_stack(
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_clip_dir: Path,
-    fake_data_dir: Path,
-    built_index: Path,
-) -> Iterator[Stack]:
-    stack = started_stack(
-        tmp_path_factory.mktemp("live-load"), tiny_clip_dir, fake_data_dir, built_index, workers=2
-    )
-    yield stack
-    stack.stop()
+@pytest.fixture
+def load_stack(live_service: Stack) -> Stack:
+    return live_service
 
 
 async def ended(

@@ -4,7 +4,6 @@
 from __future__ import annotations
 
 import asyncio
-import io
 import json
 import subprocess
 import time
@@ -13,9 +12,7 @@ from pathlib import Path, PurePath
 from typing import Any
 
 import httpx
-import numpy as np
 import pytest
-from PIL import Image
 
 from lookalike import catalogue
 from lookalike.catalogue import (
@@ -32,20 +29,9 @@ from lookalike.redis_server import free_port
 from lookalike.stack import Stack
 from shared.images import NOT_AN_IMAGE
 from shared.items import BAD_ATTRIBUTES
-from tests.stacks import started_stack
-from tests.support import wait_job
+from tests.support import picture, wait_job
 
 pytestmark = pytest.mark.e2e
-
-
-def picture(seed: int, size: int = 48) -> bytes:
-    """A distinct PNG: coarse random blocks, so every seed looks unlike the others."""
-    rng = np.random.default_rng(seed)
-    coarse = rng.integers(0, 256, size=(6, 6, 3), dtype=np.uint8)
-    pixels = np.kron(coarse, np.ones((size // 6, size // 6, 1), dtype=np.uint8))
-    buffer = io.BytesIO()
-    Image.fromarray(pixels, mode="RGB").save(buffer, format="PNG")
-    return buffer.getvalue()
 
 
 # --- the plain parts ---------------------------------------------------------------------------
@@ -227,18 +213,9 @@ def test_a_wrong_url_is_said_within_seconds(
 # --- against the real service ------------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def stack(
-    tmp_path_factory: pytest.TempPathFactory,
-    tiny_clip_dir: Path,
-    fake_data_dir: Path,
-    built_index: Path,
-) -> Iterator[Stack]:
-    service = started_stack(
-        tmp_path_factory.mktemp("gallery-add"), tiny_clip_dir, fake_data_dir, built_index
-    )
-    yield service
-    service.stop()
+@pytest.fixture
+def stack(live_service: Stack) -> Stack:
+    return live_service
 
 
 @pytest.fixture
