@@ -316,8 +316,19 @@ class JobStore:
         text: str | None = None,
         gallery: str = FASHION_MNIST,
         owner: str | None = None,
+        kind: JobKind | None = None,
+        options: Mapping[str, Any] | None = None,
     ) -> JobRecord:
-        new = NewJob(job_id, k=k, gallery=gallery, upload=upload, text=text, owner=owner)
+        new = NewJob(
+            job_id,
+            k=k,
+            gallery=gallery,
+            upload=upload,
+            text=text,
+            owner=owner,
+            kind=kind,
+            options=options,
+        )
         with self.client.pipeline(transaction=True) as pipe:
             job = _stage_create(pipe, self.keys, new, ttl_s=self.ttl_s)
             pipe.execute()

@@ -53,6 +53,14 @@ NO_SUCH_ITEM = "Gallery {gallery!r} has no item {item!r}."
 NOT_LIVE = "Gallery {gallery!r} is built from files: items are added to live galleries only."
 KEEP_UPLOADS_UP_TO = 64 * 1024  # bytes: smaller stored pixels stay as they are after the job
 MAX_PAIRS = 10_000  # a duplicates job lists at most this many pairs (the best)
+# A duplicates job compares every item with every other (rows^2 x dim multiply-adds): the most
+# items one may compare, so that it ends well within the task time limit (about 5 s of a CPU
+# core at 10,000 items of 512 dimensions; 200,000 is a fraction of a second on a GPU).
+MAX_DUPLICATE_ROWS = {"cpu": 10_000, "accelerator": 200_000}
+TOO_MANY_TO_COMPARE = (
+    "Gallery {gallery!r} has {rows:,} items: near-duplicates are found among at most {most:,} "
+    "on this worker's {device}."
+)
 PAIR_BLOCK = 1024  # rows compared at once by a duplicates job
 
 
@@ -342,6 +350,14 @@ def _duplicates(engine: Engine, item: _Ready, store: JobStore, context: Context)
     t0 = time.perf_counter()
     pairs: list[tuple[float, int, int]] = []
     truncated = False
+    device = engine.encoder.device
+    most = MAX_DUPLICATE_ROWS["cpu" if device == "cpu" else "accelerator"]
+    if len(gallery) > most:
+        sentence = TOO_MANY_TO_COMPARE.format(
+            gallery=job.gallery, rows=len(gallery), most=most, device=device
+        )
+        _fail(store, job.id, "too_large", sentence, context)
+        return
     with _locked(gallery):
         matrix = gallery.matrix
         rows = int(matrix.shape[0])
