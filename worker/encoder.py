@@ -382,9 +382,9 @@ def _worst_cosine(
 def choose_cpu_paths(encoder: ClipImageEncoder, pixels: torch.Tensor, *, mode: str) -> None:
     """Replace fp32 by a faster CPU path that keeps the embeddings (checked here, on the
     probes, against fp32): int8 (worker.int8) in passes of ``INT8_FORWARD`` images
-    (``auto``, ``int8``), else bf16 where the CPU has it (``auto``, ``bf16``). A path whose
-    worst cosine is below ``FAST_MIN_COSINE`` (a margin over the 0.99 promised for every
-    image) is refused."""
+    (``auto`` where this CPU multiplies int8 fast, ``int8``), else bf16 where the CPU has it
+    (``auto``, ``bf16``). A path whose worst cosine is below ``FAST_MIN_COSINE`` (a margin
+    over the 0.99 promised for every image) is refused."""
     fp32 = encoder.model
     reference = encoder.embed_pixels(pixels)
     order = {"auto": ["int8", "bf16"], "int8": ["int8"], "bf16": ["bf16"]}[mode]
@@ -392,6 +392,14 @@ def choose_cpu_paths(encoder: ClipImageEncoder, pixels: torch.Tensor, *, mode: s
         if name == "bf16" and not bf16_supported():
             encoder.notes.append("bf16 skipped: this CPU has no native bf16")
             continue
+        if name == "int8" and mode == "auto":
+            speedup = int8.matmul_speedup()
+            if speedup < int8.MIN_SPEEDUP:
+                encoder.notes.append(
+                    f"int8 skipped: this CPU multiplies int8 matrices x{speedup:.2f} as fast as "
+                    "fp32 (no VNNI instructions)"
+                )
+                continue
         model, dtype = (
             (int8.quantise(fp32), torch.float32)
             if name == "int8"

@@ -140,7 +140,7 @@ def test_fast_cpu_auto_uses_int8_only_when_embeddings_agree(
     images = pictures(8, seed=5)
     reference = fp32_encoder.embed(images)
 
-    assert encoder.notes[0].startswith(("int8 kept", "int8 refused"))
+    assert encoder.notes[0].startswith(("int8 kept", "int8 refused", "int8 skipped"))
     if encoder.precision.startswith("int8-dynamic"):
         assert encoder.notes[0].startswith("int8 kept")
     elif encoder.precision == "fp32":
@@ -216,6 +216,7 @@ def test_fast_cpu_auto_falls_back_to_bf16_when_int8_is_refused(
         return scrambled
 
     monkeypatch.setattr(int8, "quantise", scrambling_quantiser)
+    monkeypatch.setattr(int8, "matmul_speedup", lambda: 3.0)
     monkeypatch.setattr(encoder_module, "bf16_supported", lambda: True)
     images = pictures(4)
 
@@ -225,6 +226,41 @@ def test_fast_cpu_auto_falls_back_to_bf16_when_int8_is_refused(
     assert encoder.notes[0].startswith("int8 refused")
     assert encoder.notes[1].startswith("bf16 kept")
     assert np.min(cosines(encoder.embed(images), fp32_encoder.embed(images))) >= 0.99
+
+
+def test_fast_cpu_auto_skips_int8_on_a_cpu_that_multiplies_int8_slowly(
+    tiny_clip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    tried: list[object] = []
+    monkeypatch.setattr(int8, "matmul_speedup", lambda: 0.06)
+    monkeypatch.setattr(int8, "quantise", lambda model, *a, **k: tried.append(model))
+    monkeypatch.setattr(encoder_module, "bf16_supported", lambda: False)
+
+    encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="auto"))
+
+    assert tried == []
+    assert encoder.precision == "fp32"
+    assert encoder.notes[0] == (
+        "int8 skipped: this CPU multiplies int8 matrices x0.06 as fast as fp32 (no VNNI "
+        "instructions)"
+    )
+
+
+def test_fast_cpu_int8_asked_for_is_tried_whatever_the_cpu(
+    tiny_clip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(int8, "matmul_speedup", lambda: 0.06)
+    monkeypatch.setattr(int8, "quantise", lambda model, *a, **k: copy.deepcopy(model))
+
+    encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="int8"))
+
+    assert encoder.precision == "int8-dynamic"
+
+
+def test_int8_matmul_speedup_compares_int8_with_fp32_products() -> None:
+    speedup = int8.matmul_speedup.__wrapped__(rows=32, size=128)
+
+    assert 0.001 < speedup < 100
 
 
 def test_fast_cpu_refuses_bf16_that_moves_embeddings(
