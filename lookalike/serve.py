@@ -167,18 +167,9 @@ class SupervisedRedis:
         return self.server.process
 
 
-def run_workers(processes: int, *, build_index: bool, loglevel: str) -> int:
-    """``lookalike worker --processes N``: N worker processes on this machine, each its own
-    model and consumer, supervised like ``serve``'s parts. Several processes keep one GPU busy
-    where one process's Python (decoding messages, storing results) would leave it idle. With
-    ``--build-index`` a missing index is built once, first."""
-    if build_index:
-        built = subprocess.run(command("worker", "--build-index", "--only-build"), check=False)
-        if built.returncode:
-            return built.returncode
-    supervisor = Supervisor()
-    for number in range(1, processes + 1):
-        supervisor.run(Part(f"worker {number}", spawner("worker", "--loglevel", loglevel)))
+def supervise(supervisor: Supervisor) -> int:
+    """Run until SIGINT or SIGTERM, or until a part fails for good; stop every part; the exit
+    status (``EXIT_FAILED``, saying why, when a part failed)."""
 
     def on_signal(signum: int, frame: object) -> None:
         supervisor.stop()
@@ -191,6 +182,21 @@ def run_workers(processes: int, *, build_index: bool, loglevel: str) -> int:
         print(f"lookalike: stopping: {supervisor.failure}", file=sys.stderr)
         return EXIT_FAILED
     return 0
+
+
+def run_workers(processes: int, *, build_index: bool, loglevel: str) -> int:
+    """``lookalike worker --processes N``: N worker processes on this machine, each its own
+    model and consumer, supervised like ``serve``'s parts. Several processes keep one GPU busy
+    where one process's Python (decoding messages, storing results) would leave it idle. With
+    ``--build-index`` a missing index is built once, first."""
+    if build_index:
+        built = subprocess.run(command("worker", "--build-index", "--only-build"), check=False)
+        if built.returncode:
+            return built.returncode
+    supervisor = Supervisor()
+    for number in range(1, processes + 1):
+        supervisor.run(Part(f"worker {number}", spawner("worker", "--loglevel", loglevel)))
+    return supervise(supervisor)
 
 
 def cmd_serve(args: argparse.Namespace) -> int:
@@ -212,19 +218,9 @@ def cmd_serve(args: argparse.Namespace) -> int:
     for name, cli_args in (("worker", ("worker", "--build-index")), ("API", api)):
         supervisor.run(Part(name, spawner(*cli_args)))
 
-    def on_signal(signum: int, frame: object) -> None:
-        supervisor.stop()
-
-    signal.signal(signal.SIGINT, on_signal)
-    signal.signal(signal.SIGTERM, on_signal)
     print(
         f"lookalike: API on http://{args.host}:{args.port} - the first start builds the index; "
         "then try: lookalike query PHOTO.jpg",
         file=sys.stderr,
     )
-    supervisor.wait()
-    supervisor.terminate_all()
-    if supervisor.failure is not None:
-        print(f"lookalike: stopping: {supervisor.failure}", file=sys.stderr)
-        return EXIT_FAILED
-    return 0
+    return supervise(supervisor)

@@ -14,6 +14,8 @@ import httpx
 import numpy as np
 import numpy.typing as npt
 
+SEARCH_GALLERY = 100  # images in the gallery of the worker tests' engine (tests/worker/conftest.py)
+
 
 def write_idx(path: Path, array: npt.NDArray[np.uint8]) -> None:
     """Write ``array`` as a gzip IDX file (unsigned bytes), as Fashion-MNIST ships."""

@@ -1,13 +1,12 @@
 """The web page at GET /, driven in a real headless Chromium against the real stack.
 
-It uses Debian's chromium (``apt-get install chromium``) through Playwright's Python package;
-no browser is ever downloaded. Without either, the browser tests skip and say why.
+The browser is tests/e2e/conftest.py's: Debian's chromium through Playwright's Python package,
+never a downloaded one; without either, the browser tests skip and say why.
 """
 
 from __future__ import annotations
 
 import re
-import shutil
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -20,17 +19,6 @@ from tests.support import gallery_png
 
 pytestmark = pytest.mark.e2e
 
-CHROMIUM = shutil.which("chromium") or "/usr/bin/chromium"
-CHROMIUM_ARGS = [
-    "--headless",
-    "--no-sandbox",
-    "--disable-gpu",
-    "--disable-quic",
-    "--no-first-run",
-    "--disable-background-networking",
-    "--disable-component-update",
-    "--disable-sync",
-]
 SCREENSHOT = ROOT / "artifacts" / "browser" / "result.png"
 NOT_AN_IMAGE = "The upload is not a JPEG, PNG, WebP, GIF, BMP or TIFF image."
 SCORE = re.compile(r"^-?\d\.\d{3}$")
@@ -47,19 +35,6 @@ document.addEventListener("DOMContentLoaded", () => {
   }).observe(results, { attributes: true, attributeFilter: ["data-status"] });
 });
 """
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
-    )
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium binary at {CHROMIUM} (apt-get install chromium)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

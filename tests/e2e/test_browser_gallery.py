@@ -3,8 +3,8 @@
 The page makes a live gallery, adds images to it, deletes one and searches it (with a
 filter, a minimum score, "more like this"); it pages through the read-only demo gallery and
 filters it by class. These tests change galleries, so they run on a stack of their own rather
-than the session's shared one. Like tests/e2e/test_browser.py, they use Debian's chromium
-through Playwright's Python package and skip, saying why, without either.
+than the session's shared one. Like tests/e2e/test_browser.py, they use the browser of
+tests/e2e/conftest.py and skip, saying why, without one.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import pytest
 
 from lookalike.stack import Stack
 from shared.items import BAD_FILTER
-from tests.e2e.test_browser import CHROMIUM, CHROMIUM_ARGS, WAIT_MS, check_matches
+from tests.e2e.test_browser import WAIT_MS, check_matches
 from tests.support import gallery_png, picture
 
 pytestmark = pytest.mark.e2e
@@ -33,19 +33,6 @@ ENDED = "#results[data-status='succeeded'], #results[data-status='failed'], " + 
 @pytest.fixture
 def gallery_stack(live_service: Stack) -> Stack:
     return live_service
-
-
-@pytest.fixture(scope="module")
-def browser() -> Iterator[Any]:
-    sync_api = pytest.importorskip(
-        "playwright.sync_api", reason="playwright is not installed (pip install playwright)"
-    )
-    if not Path(CHROMIUM).exists():
-        pytest.skip(f"no Chromium binary at {CHROMIUM} (apt-get install chromium)")
-    with sync_api.sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        yield browser
-        browser.close()
 
 
 @pytest.fixture

@@ -14,9 +14,9 @@ from shared.images import NOT_AN_IMAGE, TOO_MANY_PIXELS
 from shared.jobs import JobRecord, JobStore, new_job_id
 from shared.metrics import Metrics, read_stored
 from shared.schemas import Job, JobKind, JobStatus
-from shared.settings import FASHION_MNIST, GallerySettings, ModelSettings, Settings
-from tests.support import gallery_png
-from worker.engine import TEXT_OFF, UNKNOWN_GALLERY, Engine, load_engine
+from shared.settings import FASHION_MNIST
+from tests.support import SEARCH_GALLERY, gallery_png
+from worker.engine import TEXT_OFF, UNKNOWN_GALLERY, Engine
 from worker.search import (
     KEEP_UPLOADS_UP_TO,
     TOO_MANY_ATTEMPTS,
@@ -26,28 +26,10 @@ from worker.search import (
 )
 from worker.text_encoder import load_text_encoder
 
-SIZE = 100
+SIZE = SEARCH_GALLERY
 MAX_PIXELS = 1_000_000
 MAX_ATTEMPTS = 3
 WORKER = "worker-test"
-
-
-@pytest.fixture(scope="module")
-def engine(
-    tiny_clip_dir: Path, fake_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Engine:
-    settings = Settings(
-        model=ModelSettings(name=str(tiny_clip_dir), device="cpu", batch_size=32),
-        gallery=GallerySettings(
-            data_dir=fake_data_dir, size=SIZE, index_dir=tmp_path_factory.mktemp("index")
-        ),
-    )
-    return load_engine(settings, build_missing=True)
-
-
-@pytest.fixture
-def store(redis_client: redis.Redis) -> JobStore:
-    return JobStore(redis_client, prefix="lookalike-test", ttl_s=600)
 
 
 def submitted(store: JobStore, upload: bytes, *, k: int = 5) -> str:

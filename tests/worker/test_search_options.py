@@ -6,36 +6,16 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-import redis
 
 from shared.fashion_mnist import CLASS_NAMES, load_gallery
 from shared.jobs import JobRecord, JobStore, new_job_id
 from shared.schemas import JobKind
-from shared.settings import GallerySettings, ModelSettings, Settings
-from tests.support import gallery_png
+from tests.support import SEARCH_GALLERY, gallery_png
 from worker import search
-from worker.engine import Engine, load_engine
+from worker.engine import Engine
 from worker.search import run_search_jobs
 
-SIZE = 100
-
-
-@pytest.fixture(scope="module")
-def engine(
-    tiny_clip_dir: Path, fake_data_dir: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Engine:
-    settings = Settings(
-        model=ModelSettings(name=str(tiny_clip_dir), device="cpu", batch_size=32),
-        gallery=GallerySettings(
-            data_dir=fake_data_dir, size=SIZE, index_dir=tmp_path_factory.mktemp("index")
-        ),
-    )
-    return load_engine(settings, build_missing=True)
-
-
-@pytest.fixture
-def store(redis_client: redis.Redis) -> JobStore:
-    return JobStore(redis_client, prefix="lookalike-test", ttl_s=600)
+SIZE = SEARCH_GALLERY
 
 
 def answered(store: JobStore, engine: Engine, **job: object) -> JobRecord:
