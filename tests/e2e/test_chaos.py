@@ -33,10 +33,15 @@ pytestmark = pytest.mark.e2e
 
 JOBS = int(os.environ.get("CHAOS_JOBS", "200"))
 SEED = int(os.environ.get("CHAOS_SEED", "1"))
+START_CAP_S = 60
 
 
 class Chaos:
-    """Kills a random worker or restarts Redis every few seconds until told to stop."""
+    """Kills a random worker or restarts Redis every few seconds until told to stop.
+
+    A worker is killed only once every worker has started (up to ``START_CAP_S``): killed
+    faster than a worker starts (15 s on a slow 2-core machine), the service would never
+    serve, and the test would measure the machine, not the chain."""
 
     def __init__(self, stack: Stack, rng: random.Random) -> None:
         self.stack = stack
@@ -51,6 +56,7 @@ class Chaos:
         while not self.stop.wait(self.rng.uniform(1.5, 4.0)):
             action = plan.pop(0) if plan else ("kill" if self.rng.random() < 0.7 else "redis")
             if action == "kill":
+                self.wait_started()
                 victim = self.rng.randrange(len(self.stack.workers))
                 self.stack.kill_worker(victim)
                 self.stack.replace_worker(victim)
@@ -62,6 +68,25 @@ class Chaos:
                 time.sleep(self.rng.uniform(0.2, 1.5))
                 self.stack.redis = start_redis(directory, port=port)
                 self.redis_restarts += 1
+
+    def wait_started(self) -> None:
+        deadline = time.monotonic() + START_CAP_S
+        while not self.stop.is_set() and time.monotonic() < deadline:
+            if len(ready_workers(self.stack)) >= len(self.stack.workers):
+                return
+            time.sleep(0.2)
+
+
+def ready_workers(stack: Stack) -> list[dict[str, Any]]:
+    """The workers that say they are ready, or none while Redis is unreachable."""
+    client = redis.Redis.from_url(stack.env["LOOKALIKE_REDIS_URL"], socket_connect_timeout=1)
+    try:
+        store = JobStore(client, prefix="lookalike", ttl_s=600)
+        return [w for w in store.ready_workers(within_s=15) if w.get("state") == "ready"]
+    except redis.RedisError:
+        return []
+    finally:
+        client.close()
 
 
 def submit_with_retries(client: httpx.Client, data: bytes, deadline: float) -> tuple[str, int]:
