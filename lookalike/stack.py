@@ -15,6 +15,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import httpx
 import redis
@@ -150,21 +151,24 @@ class Stack:
 
     def wait_workers(self, count: int, *, timeout: float = 300) -> None:
         """Wait until ``count`` workers say they are ready in Redis (no API needed)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if len(self.ready_workers()) >= count:
+                return
+            if any(process.poll() is not None for process in self.workers):
+                raise RuntimeError(f"a worker exited early:\n{self.logs()}")
+            time.sleep(0.2)
+        raise RuntimeError(f"{count} worker(s) not ready in {timeout}s:\n{self.logs()}")
+
+    def ready_workers(self) -> list[dict[str, Any]]:
+        """The workers that say, in Redis, that they are ready."""
         assert self.redis is not None
         client = redis.Redis.from_url(self.redis.url)
         store = JobStore(client, prefix=self.env.get("LOOKALIKE_KEY_PREFIX", "lookalike"), ttl_s=1)
-        deadline = time.monotonic() + timeout
         try:
-            while time.monotonic() < deadline:
-                ready = [w for w in store.ready_workers(within_s=15) if w.get("state") == "ready"]
-                if len(ready) >= count:
-                    return
-                if any(process.poll() is not None for process in self.workers):
-                    raise RuntimeError(f"a worker exited early:\n{self.logs()}")
-                time.sleep(0.2)
+            return [w for w in store.ready_workers(within_s=15) if w.get("state") == "ready"]
         finally:
             client.close()
-        raise RuntimeError(f"{count} worker(s) not ready in {timeout}s:\n{self.logs()}")
 
     def pids(self) -> dict[str, list[int]]:
         """The process ids of each part: ``redis``, ``api`` and ``workers``."""

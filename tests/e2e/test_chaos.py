@@ -72,21 +72,9 @@ class Chaos:
     def wait_started(self) -> None:
         deadline = time.monotonic() + START_CAP_S
         while not self.stop.is_set() and time.monotonic() < deadline:
-            if len(ready_workers(self.stack)) >= len(self.stack.workers):
+            if len(self.stack.ready_workers()) >= len(self.stack.workers):
                 return
             time.sleep(0.2)
-
-
-def ready_workers(stack: Stack) -> list[dict[str, Any]]:
-    """The workers that say they are ready, or none while Redis is unreachable."""
-    client = redis.Redis.from_url(stack.env["LOOKALIKE_REDIS_URL"], socket_connect_timeout=1)
-    try:
-        store = JobStore(client, prefix="lookalike", ttl_s=600)
-        return [w for w in store.ready_workers(within_s=15) if w.get("state") == "ready"]
-    except redis.RedisError:
-        return []
-    finally:
-        client.close()
 
 
 def submit_with_retries(client: httpx.Client, data: bytes, deadline: float) -> tuple[str, int]:
