@@ -16,7 +16,7 @@ import redis
 from celery import Celery
 from celery.signals import task_postrun, task_prerun
 
-from shared.celery_config import SEARCH_TASK, make_celery
+from shared.celery_config import SEARCH_TASK, make_celery, search_queues
 from shared.jobs import JobStore
 from shared.live import LiveStore
 from shared.metrics import Metrics
@@ -34,6 +34,12 @@ def redis_client(settings: Settings) -> redis.Redis:
 settings = get_settings()
 app: Celery = make_celery(settings, name="lookalike-worker")
 app.conf.include = ["worker.tasks"]
+# Job messages taken many per Redis round trip (worker.transport); other queues as kombu does.
+app.conf.broker_transport = "worker.transport:Transport"
+app.conf.broker_transport_options = {
+    **app.conf.broker_transport_options,
+    "bulk_queues": tuple(search_queues(settings)),
+}
 
 _store: JobStore | None = None
 

@@ -22,6 +22,7 @@ from worker.distributed import compute_chunk
 from worker.engine import get_engine
 from worker.heartbeat import worker_name
 from worker.search import run_search_jobs
+from worker.transport import more_waiting
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +41,12 @@ def answer(job_ids: Sequence[str]) -> None:
 
 
 def queue_is_empty() -> bool:
-    """Nothing more is waiting for this worker: a batch of what it holds is as big as it gets."""
+    """Nothing more is waiting for this worker: a batch of what it holds is as big as it gets.
+    The transport knows when it took the message with others (worker.transport); else Redis
+    is asked."""
+    waiting = more_waiting()
+    if waiting is not None:
+        return not waiting
     try:
         with store().client.pipeline(transaction=False) as pipe:
             for queue in search_queues(settings):

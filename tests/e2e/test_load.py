@@ -7,6 +7,7 @@ The test is a short version of the load test recorded in the README; the full on
 from __future__ import annotations
 
 import asyncio
+from collections import Counter
 from pathlib import Path
 
 import httpx
@@ -14,8 +15,8 @@ import pytest
 
 from api.submit import QUEUE_FULL
 from lookalike.bench.service import make_payloads, run_bench, summarise
-from tests.stacks import fault_stack
-from tests.support import gallery_png
+from tests.stacks import fault_stack, make_stack
+from tests.support import gallery_png, wait_job
 
 pytestmark = pytest.mark.e2e
 
@@ -85,3 +86,30 @@ def test_fifty_concurrent_clients_get_no_5xx_and_every_accepted_job_ends(
     assert summary["accepted"] == summary["succeeded"] == 300
     assert summary["never_ended"] == 0
     assert summary["retries_after_429"] > 0, "the clients should have met the queue cap"
+
+
+def test_a_backlog_is_answered_in_full_batches(
+    tmp_path: Path, tiny_clip_dir: Path, fake_data_dir: Path, built_index: Path
+) -> None:
+    """Jobs waiting when a worker comes are taken a batch at a time (worker.transport), not
+    one message per Redis round trip while the batch timer runs out."""
+    stack = make_stack(tmp_path, tiny_clip_dir, fake_data_dir)
+    stack.env.update(LOOKALIKE_INDEX_DIR=str(built_index), LOOKALIKE_WORKER_BATCH="64")
+    stack.start(workers=0)
+    try:
+        with httpx.Client(base_url=stack.url, timeout=30) as client:
+            ids = []
+            for i in range(150):
+                reply = client.post(
+                    "/jobs", files={"file": ("g.png", gallery_png(fake_data_dir, i % 100))}
+                )
+                assert reply.status_code == 202, reply.text
+                ids.append(reply.json()["id"])
+            stack.start_worker()
+            jobs = [wait_job(client, job_id, timeout=120) for job_id in ids]
+    finally:
+        stack.stop()
+    assert [job["status"] for job in jobs] == ["succeeded"] * 150
+    sizes = Counter(job["result"]["batch_size"] for job in jobs)  # type: ignore[index]
+    print("\nbatch sizes of a 150-job backlog (size: jobs):", dict(sorted(sizes.items())))
+    assert sizes == {64: 128, 22: 22}
