@@ -103,15 +103,15 @@ def port_taken(host: str, port: int) -> str | None:
 def cmd_worker(args: argparse.Namespace) -> int | str:
     if args.processes < 1:
         return "--processes must be at least 1"
-    load_settings()
+    loglevel = (args.loglevel or load_settings().log.level).upper()
     if args.processes > 1:
         from lookalike.serve import run_workers
 
-        return run_workers(args.processes, build_index=args.build_index, loglevel=args.loglevel)
+        return run_workers(args.processes, build_index=args.build_index, loglevel=loglevel)
     from worker.main import run_worker
 
     return run_worker(
-        build_missing=args.build_index, loglevel=args.loglevel, only_build=args.only_build
+        build_missing=args.build_index, loglevel=loglevel, only_build=args.only_build
     )
 
 
@@ -235,7 +235,9 @@ def build_parser() -> argparse.ArgumentParser:
     worker.add_argument(
         "--build-index", action="store_true", help="build the index first if it is missing"
     )
-    worker.add_argument("--loglevel", default="INFO")
+    worker.add_argument(
+        "--loglevel", help="DEBUG, INFO, WARNING or ERROR (default LOOKALIKE_LOG_LEVEL, else INFO)"
+    )
     worker.add_argument("--only-build", action="store_true", help=argparse.SUPPRESS)
     worker.add_argument(
         "--processes",

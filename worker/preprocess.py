@@ -16,6 +16,7 @@ Images of one size go through torch together; mixed sizes are grouped by size.
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
@@ -82,11 +83,8 @@ class Preprocessing:
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:
         """N x 3 x H x W uint8 (any device) to the model's input: rescale and normalise in one
         multiply-add, in float32."""
-        scale = torch.tensor(self.std, device=batch.device).reciprocal_() * self.rescale
-        shift = -torch.tensor(self.mean, device=batch.device) / torch.tensor(
-            self.std, device=batch.device
-        )
-        return torch.addcmul(shift.view(1, 3, 1, 1), batch.float(), scale.view(1, 3, 1, 1))
+        shift, scale = _affine(self, batch.device)
+        return torch.addcmul(shift, batch.float(), scale)
 
     def resize_and_crop(self, batch: torch.Tensor) -> torch.Tensor:
         """N x 3 x H x W uint8 of one size to the crop, as torch ops: the short side to
@@ -118,6 +116,19 @@ class Preprocessing:
             x = torch.nn.functional.pad(x, pad)
             top, left = max(0, top), max(0, left)
         return x[:, :, top : top + spec.crop_height, left : left + spec.crop_width]
+
+
+@functools.cache
+def _affine(
+    preprocessing: Preprocessing, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The normalisation's shift and scale as 1 x 3 x 1 x 1 tensors on ``device``, made once
+    rather than per batch (normal tensors, usable in and out of inference mode)."""
+    with torch.inference_mode(False):
+        std = torch.tensor(preprocessing.std, device=device)
+        scale = std.reciprocal() * preprocessing.rescale
+        shift = -torch.tensor(preprocessing.mean, device=device) / std
+    return shift.view(1, 3, 1, 1), scale.view(1, 3, 1, 1)
 
 
 def as_array(image: Image.Image) -> npt.NDArray[np.uint8]:

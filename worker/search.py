@@ -129,7 +129,7 @@ def run_search_jobs(
             continue
         item.decode_ms = (time.perf_counter() - t0) * 1000
         ready.append(item)
-        log.info(
+        log.debug(  # stages in between at DEBUG: a busy worker writes two lines a job
             "job %s: decoded", job.id, extra=job_fields(job.id, stage="decode", ms=item.decode_ms)
         )
     if not ready:
@@ -241,7 +241,7 @@ def _embed(engine: Engine, ready: list[_Ready], store: JobStore, context: Contex
             item.query, item.embed_ms = row, embed_ms
             kept.append(item)
     for item in kept:
-        log.info(
+        log.debug(
             "job %s: embedded",
             item.job.id,
             extra=job_fields(item.job.id, stage="embed", ms=item.embed_ms),
@@ -294,7 +294,7 @@ def _search(engine: Engine, ready: list[_Ready]) -> None:
         search_ms = (time.perf_counter() - t0) * 1000
         for item in group:
             item.search_ms = search_ms
-            log.info(
+            log.debug(
                 "job %s: searched",
                 item.job.id,
                 extra=job_fields(item.job.id, stage="search", ms=search_ms, gallery=name),
