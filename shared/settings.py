@@ -88,6 +88,8 @@ class ModelSettings(_Group):
     preprocess: Literal["auto", "processor", "pil+torch", "torch"] = Field(
         "auto", validation_alias="LOOKALIKE_PREPROCESS"
     )
+    # auto: on a GPU, small batches replay CUDA graphs if they match the eager pass at start.
+    cuda_graphs: Literal["auto", "off"] = Field("auto", validation_alias="LOOKALIKE_CUDA_GRAPHS")
     # The text tower (and tokenizer) is loaded only when text search is on.
     text_search: Literal["on", "off"] = Field("on", validation_alias="LOOKALIKE_TEXT_SEARCH")
 

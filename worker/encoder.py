@@ -36,7 +36,8 @@ from shared.errors import ModelLoadError
 from shared.images import InputSpec
 from shared.schemas import Embeddings
 from shared.settings import RANDOM_MODEL_PREFIX, ModelSettings
-from worker import int8
+from worker import graphs, int8
+from worker.graphs import GraphedForward
 from worker.preprocess import (
     PIL_TORCH,
     PROCESSOR,
@@ -117,6 +118,8 @@ class ClipImageEncoder:
     steps: Preprocessing | None = None
     path: str = PROCESSOR  # how images become pixels (worker.preprocess), once checked
     path_note: str = ""  # why that path: its check against the processor
+    graphed: GraphedForward | None = None  # small batches replayed from CUDA graphs
+    forward_note: str = "eager"  # how the forward pass runs, and why
 
     def __post_init__(self) -> None:
         if self.steps is None:
@@ -168,12 +171,16 @@ class ClipImageEncoder:
         """Forward passes (one, or one per ``max_forward`` images); L2-normalised float32 rows."""
         step = self.max_forward or int(pixel_values.shape[0]) or 1
         x = pixel_values.to(self.device, dtype=self.dtype, non_blocking=True)
-        parts = [
-            self.model(pixel_values=x[i : i + step]).image_embeds for i in range(0, len(x), step)
-        ]
+        forward = self.graphed or self.eager
+        parts = [forward(x[i : i + step]) for i in range(0, len(x), step)]
         features = (parts[0] if len(parts) == 1 else torch.cat(parts)).float()
         features = torch.nn.functional.normalize(features, dim=-1)
         return np.ascontiguousarray(features.cpu().numpy(), dtype=np.float32)
+
+    def eager(self, pixel_values: torch.Tensor) -> torch.Tensor:
+        """The model's image embeddings, unnormalised (one forward pass, no graph)."""
+        embeds: torch.Tensor = self.model(pixel_values=pixel_values).image_embeds
+        return embeds
 
     def input_pixels(
         self, images: Sequence[Image.Image], *, path: str | None = None
@@ -311,6 +318,12 @@ def load_encoder(
     choose_preprocessing(
         encoder, [*probe_images, *preprocess_probes, *_synthetic_probes()], mode=settings.preprocess
     )
+    if device.startswith("cuda") and settings.cuda_graphs == "auto":
+        graph_probes = encoder.input_pixels([*probe_images, *_synthetic_probes()])
+        encoder.graphed, encoder.forward_note = graphs.capture(
+            encoder.eager, graph_probes.to(device, dtype=dtype)
+        )
+        (log.info if encoder.graphed else log.warning)(encoder.forward_note)
     if device == "cpu" and settings.fast_cpu != "off":
         probes = [encoder.pixels(probe_images)] if probe_images else []
         probes += [probe_pixels] if probe_pixels is not None else []
@@ -364,7 +377,9 @@ def _worst_cosine(
     """The worst cosine with fp32 of the probes embedded together, one by one, and each in a
     pass with strangers (a path that scaled activations per pass would make an image's
     embedding depend on what else is in its batch: a search must not)."""
-    trial = dataclasses.replace(encoder, model=model, dtype=dtype, max_forward=None, notes=[])
+    trial = dataclasses.replace(
+        encoder, model=model, dtype=dtype, max_forward=None, notes=[], graphed=None
+    )
     batched = trial.embed_pixels(pixels)
     alone = np.concatenate([trial.embed_pixels(pixels[i : i + 1]) for i in range(len(pixels))])
     strangers = _extremes(encoder).to(pixels.device, pixels.dtype)

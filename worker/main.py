@@ -62,6 +62,7 @@ def run_worker(*, build_missing: bool, loglevel: str = "INFO", only_build: bool 
         modes=engine.modes,
         device=engine.encoder.device,
         precision=engine.encoder.precision,
+        forward=engine.encoder.forward_note,
         preprocessing=engine.encoder.path,
         preprocessing_check=engine.encoder.path_note,
         input=spec.as_dict() if (spec := engine.encoder.input_spec) else None,

@@ -436,6 +436,7 @@ def run_model_bench(
         "model": {
             "name": fast.model_id,
             "is_random": fast.is_random,
+            "forward": fast.forward_note,
             "device": fast.device,
             "precision": fast.precision,
             "dim": fast.dim,
@@ -470,6 +471,8 @@ def format_model_report(report: dict[str, Any]) -> str:
     ]
     if model["is_random"]:
         lines.append("note: random weights: these figures are for compute only")
+    if model.get("forward", "eager") != "eager":
+        lines.append(f"forward      {model['forward']}")
     pre, build = report.get("preprocessing"), report.get("build")
     if pre:
         lines.append(

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import json
 from pathlib import Path
 
@@ -101,6 +102,11 @@ def test_load_encoder_on_cuda_runs_fp16_with_fp32_rankings(
     assert (encoder.dtype, encoder.precision) == (torch.float16, "fp16")
     assert embeddings.dtype == np.float32
     assert np.min(cosines(embeddings, fp32_encoder.embed(images))) >= 0.99
+    # small batches replay CUDA graphs (worker.graphs), equal to the eager pass
+    assert encoder.graphed is not None, encoder.forward_note
+    eager = dataclasses.replace(encoder, graphed=None)
+    assert np.min(cosines(embeddings, eager.embed(images))) >= 0.999
+    assert np.min(cosines(encoder.embed(images[:1]), eager.embed(images[:1]))) >= 0.999
 
 
 # --- loading the tiny checkpoint ----------------------------------------------------------------
