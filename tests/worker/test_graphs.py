@@ -39,7 +39,7 @@ def eager_recorder(calls: list[int]) -> graphs.Recorder:
 
 @pytest.fixture(scope="module")
 def encoder(tiny_clip_dir: Path) -> ClipImageEncoder:
-    return load_encoder(ModelSettings(name=str(tiny_clip_dir), fast_cpu="off"))
+    return load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="off"))
 
 
 def pixels(count: int, seed: int = 0) -> torch.Tensor:
