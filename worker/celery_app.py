@@ -22,6 +22,7 @@ from shared.live import LiveStore
 from shared.metrics import Metrics
 from shared.redis_clients import sync_client
 from shared.settings import Settings, get_settings
+from worker.transport import bulk_transport
 from worker.watchdog import Watchdog
 
 log = logging.getLogger(__name__)
@@ -35,11 +36,12 @@ settings = get_settings()
 app: Celery = make_celery(settings, name="lookalike-worker")
 app.conf.include = ["worker.tasks"]
 # Job messages taken many per Redis round trip (worker.transport); other queues as kombu does.
-app.conf.broker_transport = "worker.transport:Transport"
-app.conf.broker_transport_options = {
-    **app.conf.broker_transport_options,
-    "bulk_queues": tuple(search_queues(settings)),
-}
+if bulk_transport(settings.broker.redis_url):
+    app.conf.broker_transport = bulk_transport(settings.broker.redis_url)
+    app.conf.broker_transport_options = {
+        **app.conf.broker_transport_options,
+        "bulk_queues": tuple(search_queues(settings)),
+    }
 
 _store: JobStore | None = None
 

@@ -14,9 +14,10 @@ batches stayed at 3 to 4 jobs of a possible 64 (docs/benchmarks.md). Here, for t
 * the acknowledgements of one batch go to Redis in one pipeline (:meth:`QoS.acks_together`).
 
 Other queues (distributed index builds, whose chunks are long and must spread over workers)
-take kombu's path unchanged. The subclass reaches into kombu's Redis channel
-(``_brpop_read``, ``_deliver``, ``_q_for_pri``, the unacked keys), so kombu is pinned in
-pyproject.toml to the release tested here (tests/worker/test_transport.py).
+take kombu's path unchanged, and so does a ``rediss://`` (TLS) broker, whose options kombu
+derives from its own transport's name (:func:`bulk_transport`). The subclass reaches into
+kombu's Redis channel (``_brpop_read``, ``_deliver``, ``_q_for_pri``, the unacked keys), so
+kombu is pinned in pyproject.toml to the release tested here (tests/worker/test_transport.py).
 """
 
 from __future__ import annotations
@@ -69,6 +70,14 @@ return out
 
 #: Most messages taken at once when the prefetch room is unlimited.
 MAX_TAKE = 256
+NAME = "worker.transport:Transport"
+
+
+def bulk_transport(redis_url: str) -> str | None:
+    """The kombu transport a worker uses for ``redis_url``: this one for ``redis://``; None
+    (kombu's own) for the others, such as ``rediss://``, whose TLS settings kombu derives
+    from the name of its transport."""
+    return NAME if redis_url.startswith("redis://") else None
 
 
 class Intake:
@@ -154,11 +163,29 @@ class Channel(kombu_redis.Channel):  # type: ignore[misc]
         if held and held[0][1] in self.bulk_queues and room and not self.global_keyprefix:
             taken, left = self._take(room=room)
         deliveries = [*held, *taken]
-        for position, (payload, destination) in enumerate(deliveries):
-            intake.waiting = None if left is None else len(deliveries) - position - 1 + left
-            self.connection._deliver(payload, destination)
-        intake.waiting = None
+        position = 0
+        try:
+            for position, (payload, destination) in enumerate(deliveries):
+                intake.waiting = None if left is None else len(deliveries) - position - 1 + left
+                self.connection._deliver(payload, destination)
+        except BaseException:
+            self._give_back([payload for payload, _ in deliveries[position + 1 :]])
+            raise
+        finally:
+            intake.waiting = None
         return result
+
+    def _give_back(self, payloads: list[Any]) -> None:
+        """Put taken messages that were never handed over back at the head of their queue
+        (kombu's own restore), oldest first in line; should Redis refuse, they stay recorded
+        as unacknowledged and come back after the visibility timeout."""
+        for payload in reversed(payloads):
+            tag = payload["properties"]["delivery_tag"]
+            self.qos.recorded.discard(tag)
+            try:
+                self.qos.restore_by_tag(tag)  # RPUSH: where BRPOP takes from
+            except self.connection_errors as exc:
+                log.warning("message %s not given back (%s): redelivered later", tag, exc)
 
     def _room(self) -> int:
         """How many more messages the worker may hold now (prefetch count less held)."""

@@ -196,3 +196,42 @@ def test_other_queues_are_taken_one_message_at_a_time(
     assert received.waiting == [None]
     assert redis_client.llen(BUILDS) == 2
     assert len(unacked(redis_client)) == 1  # recorded by kombu's own QoS.append
+
+
+@pytest.mark.parametrize(
+    ("url", "expected"),
+    [
+        ("redis://127.0.0.1:6379/0", transport.NAME),
+        ("rediss://cache.example:6380/0", None),  # kombu's own: it sets TLS up by its name
+    ],
+)
+def test_workers_take_in_bulk_over_plain_redis_urls(url: str, expected: str | None) -> None:
+    assert transport.bulk_transport(url) == expected
+
+
+def test_jobs_taken_but_never_handed_over_go_back_first_in_line(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    publish(redis_server.url, JOBS, list(range(6)))
+    options = {"bulk_queues": (JOBS,)}
+    received = Received()
+
+    def fails_on_2(body: Any, message: Any) -> None:
+        received(body, message)
+        if body == 2:
+            raise ConnectionError("the worker's Redis went away")
+
+    with (
+        Connection(redis_server.url, transport=OURS, transport_options=options) as connection,
+        connection.Consumer([queue(JOBS)], callbacks=[fails_on_2], prefetch_count=64),
+    ):
+        with pytest.raises(ConnectionError):
+            connection.drain_events(timeout=5)
+        delivered = {m.delivery_tag for m in received.messages}
+        assert set(unacked(redis_client)) == delivered  # 0, 1 and 2: kombu restores those
+        assert redis_client.llen(JOBS) == 3
+
+        connection.drain_events(timeout=5)  # the next wake-up takes the rest, in order
+
+    assert received.bodies == [0, 1, 2, 3, 4, 5]
+    assert transport.intake.waiting is None
