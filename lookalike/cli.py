@@ -110,9 +110,7 @@ def cmd_worker(args: argparse.Namespace) -> int | str:
         return run_workers(args.processes, build_index=args.build_index, loglevel=loglevel)
     from worker.main import run_worker
 
-    return run_worker(
-        build_missing=args.build_index, loglevel=loglevel, only_build=args.only_build
-    )
+    return run_worker(build_missing=args.build_index, loglevel=loglevel, only_build=args.only_build)
 
 
 def cmd_index_build(args: argparse.Namespace) -> int | str:

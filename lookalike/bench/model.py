@@ -419,7 +419,9 @@ def run_model_bench(
     images = gallery_to_images(load_gallery(settings.gallery.data_dir, size=needed).images)
     startup_figures = measure_startup(settings) if startup else None
     fast = load_encoder(settings.model, probe_images=images[:8])
-    baseline = load_encoder(settings.model.model_copy(update={"fast_cpu": "off", "cuda_graphs": "off"}))
+    baseline = load_encoder(
+        settings.model.model_copy(update={"fast_cpu": "off", "cuda_graphs": "off"})
+    )
     if baseline.dtype != torch.float32:  # fp16 on a GPU: the baseline is plain fp32
         baseline.model = baseline.model.float()
         baseline.dtype, baseline.precision = torch.float32, "fp32"
