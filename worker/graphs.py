@@ -16,6 +16,7 @@ and says why (in /readyz's ``precision`` and the log).
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -48,16 +49,20 @@ class GraphedForward:
 
     eager: Forward
     replays: dict[int, Replay] = field(default_factory=dict)
+    # The static buffers are shared: one replay at a time (a worker's live-gallery follower
+    # thread may embed while its main thread answers jobs).
+    lock: threading.Lock = field(default_factory=threading.Lock)
 
     def __call__(self, pixels: torch.Tensor) -> torch.Tensor:
         count = int(pixels.shape[0])
         replay = next((self.replays[s] for s in sorted(self.replays) if s >= count), None)
         if replay is None:
             return self.eager(pixels)
-        replay.inputs[:count].copy_(pixels)
-        replay.run()
-        # a copy: the next replay overwrites the static output
-        return replay.outputs[:count].clone()
+        with self.lock:
+            replay.inputs[:count].copy_(pixels)
+            replay.run()
+            # a copy: the next replay overwrites the static output
+            return replay.outputs[:count].clone()
 
 
 def record(eager: Forward, inputs: torch.Tensor) -> tuple[torch.Tensor, Callable[[], None]]:

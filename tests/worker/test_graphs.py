@@ -10,6 +10,7 @@ runs (test_encoder's CUDA test, and the start check in every GPU worker).
 from __future__ import annotations
 
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -125,3 +126,21 @@ def test_an_encoder_with_graphs_embeds_through_them(encoder: ClipImageEncoder) -
 def test_cpu_workers_run_eagerly(encoder: ClipImageEncoder) -> None:
     assert encoder.graphed is None
     assert encoder.forward_note == "eager"
+
+
+def test_replays_from_two_threads_do_not_mix_their_batches(encoder: ClipImageEncoder) -> None:
+    graphed, _ = graphs.capture(encoder.eager, pixels(3), recorder=eager_recorder([]))
+    assert graphed is not None
+    batches = [pixels(2, seed=seed) for seed in range(8)]
+    with torch.inference_mode():
+        expected = [encoder.eager(batch) for batch in batches]
+
+    def embed(batch: torch.Tensor) -> torch.Tensor:
+        with torch.inference_mode():
+            return graphed(batch)
+
+    with ThreadPoolExecutor(max_workers=4) as pool:
+        found = list(pool.map(embed, batches * 4))
+
+    for position, result in enumerate(found):
+        torch.testing.assert_close(result, expected[position % 8], rtol=1e-4, atol=1e-5)
