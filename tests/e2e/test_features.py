@@ -453,7 +453,11 @@ def test_json_logs_follow_one_job_from_the_api_through_the_worker(
     tmp_path: Path, tiny_clip_dir: Path, fake_data_dir: Path, built_index: Path
 ) -> None:
     stack = make_stack(tmp_path, tiny_clip_dir, fake_data_dir)
-    stack.env.update(LOOKALIKE_INDEX_DIR=str(built_index), LOOKALIKE_LOG_FORMAT="json")
+    stack.env.update(
+        LOOKALIKE_INDEX_DIR=str(built_index),
+        LOOKALIKE_LOG_FORMAT="json",
+        LOOKALIKE_LOG_LEVEL="DEBUG",  # the stages between start and end are DEBUG lines
+    )
     stack.start(workers=1)
     try:
         with httpx.Client(base_url=stack.url, timeout=30) as http:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import logging
 from pathlib import Path
 
 import numpy as np
@@ -486,3 +487,22 @@ def test_a_failed_job_keeps_no_upload(
 
     assert run(store, engine, job_id).status == JobStatus.FAILED
     assert not redis_client.exists(store.keys.upload(job_id))
+
+
+def test_a_job_writes_two_info_lines_and_its_stages_at_debug(
+    store: JobStore, engine: Engine, fake_data_dir: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    job_id = submitted(store, gallery_png(fake_data_dir, 5))
+
+    with caplog.at_level(logging.DEBUG, logger="worker.search"):
+        run(store, engine, job_id)
+
+    mine = [r for r in caplog.records if r.name == "worker.search" and job_id in r.getMessage()]
+    by_level = {
+        level: [r.getMessage().split(": ", 1)[1].split(" ")[0] for r in mine if r.levelno == level]
+        for level in (logging.INFO, logging.DEBUG)
+    }
+    assert by_level == {
+        logging.INFO: ["started", "succeeded"],
+        logging.DEBUG: ["decoded", "embedded", "searched"],
+    }
