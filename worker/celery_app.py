@@ -36,8 +36,8 @@ settings = get_settings()
 app: Celery = make_celery(settings, name="lookalike-worker")
 app.conf.include = ["worker.tasks"]
 # Job messages taken many per Redis round trip (worker.transport); other queues as kombu does.
-if bulk_transport(settings.broker.redis_url):
-    app.conf.broker_transport = bulk_transport(settings.broker.redis_url)
+if transport := bulk_transport(settings.broker.redis_url):
+    app.conf.broker_transport = transport
     app.conf.broker_transport_options = {
         **app.conf.broker_transport_options,
         "bulk_queues": tuple(search_queues(settings)),

@@ -10,19 +10,16 @@ larger batches (index builds, at 256) run eagerly, where the GPU is the bound an
 
 Graphs are used only where they prove equal to the eager pass at start (:func:`capture`,
 called by worker.encoder), on the probe images, alone and padded; else the worker runs eagerly
-and says why (in /readyz's ``precision`` and the log).
+and says why (in /readyz's ``forward`` and the log).
 """
 
 from __future__ import annotations
 
-import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
-
-log = logging.getLogger(__name__)
 
 SIZES = (1, 2, 4, 8, 16, 32, 64)
 MIN_COSINE = 0.999
@@ -36,7 +33,6 @@ class Replay:
     """One captured size: its static input, the graph that reads it, and the static output
     the graph writes (``run`` replays it)."""
 
-    size: int
     inputs: torch.Tensor
     outputs: torch.Tensor
     run: Callable[[], None]
@@ -97,10 +93,10 @@ def capture(
     try:
         with torch.inference_mode():
             graphed = GraphedForward(eager)
-            for size in sorted(sizes, reverse=True):  # the largest first: its memory is reused
+            for size in sorted(sizes, reverse=True):
                 inputs = probes[:1].expand(size, *probes.shape[1:]).clone()
                 outputs, run = recorder(eager, inputs)
-                graphed.replays[size] = Replay(size, inputs, outputs, run)
+                graphed.replays[size] = Replay(inputs, outputs, run)
             worst = _worst_cosine(eager, graphed, probes)
     except Exception as error:  # a model or torch that cannot be captured runs eagerly
         text = str(error).strip().splitlines()
