@@ -1,9 +1,9 @@
 """Decoding uploads, converting every image to RGB the same way, and the pixels a job keeps.
 
-The API decodes each upload once, to refuse bad ones before they are queued, and stores what
-the model will look at: the centre square of the decoded image (CLIP keeps the centre square
-too), as raw RGB in a small self-describing frame (:func:`encode_pixels`). The worker reads
-those pixels without decoding anything; the result picture is drawn from them. The gallery
+The API decodes each upload once, to refuse bad ones before they are queued, and stores it
+decoded, as raw RGB in a small self-describing frame (:func:`encode_pixels`), bounded in size
+(:func:`upload_pixels`). The worker reads those pixels without decoding anything and resizes
+them in batches (worker.preprocess); the result picture is drawn from them. The gallery
 builder converts its 28x28 grey images with the same :func:`to_rgb`, so a gallery image sent
 as an upload stays identical to itself.
 """
@@ -201,13 +201,15 @@ def decode_pixels(data: bytes) -> Image.Image:
 
 
 def upload_pixels(data: bytes, *, max_pixels: int, spec: InputSpec | None = None) -> bytes:
-    """Decode an upload (or refuse it) and return the pixels its job keeps: with the workers'
-    ``spec``, exactly what their model takes (an image smaller than that is kept as it is, the
-    worker enlarges it); without, the centre square of the decoded image."""
+    """Decode an upload (or refuse it) and return the pixels its job keeps. With the workers'
+    ``spec``: the decoded image itself while it has at most ``(2 * shortest_edge)**2`` pixels
+    (JPEG photos are decoded at a reduced scale, so nearly all of them), for the workers to
+    resize in batches; a larger one resized and cropped here, as the processor does, so that
+    no job keeps more than about 600 KB of pixels. Without, the centre square."""
     image = decode_upload(data, max_pixels=max_pixels).image
     if spec is None:
         return encode_pixels(centre_square(image))
-    if min(image.size) <= spec.shortest_edge:
+    if image.width * image.height <= (2 * spec.shortest_edge) ** 2:
         return encode_pixels(image)
     return encode_pixels(model_input(image, spec))
 

@@ -83,8 +83,8 @@ class ModelSettings(_Group):
     fast_cpu: Literal["auto", "int8", "bf16", "off"] = Field(
         "auto", validation_alias="LOOKALIKE_FAST_CPU"
     )
-    # How images become the model's input (worker.preprocess): auto is torch on a GPU,
-    # pil+torch on a CPU; either is used only if it matches the processor at start.
+    # How images become the model's input (worker.preprocess): auto is torch; a fast path is
+    # used only if it matches the processor at start.
     preprocess: Literal["auto", "processor", "pil+torch", "torch"] = Field(
         "auto", validation_alias="LOOKALIKE_PREPROCESS"
     )

@@ -69,6 +69,9 @@ PREPROCESS_MIN_COSINE = 0.999
 # cache (on the 2-core development machine: 64 img/s alone, 100 img/s by 8, 55 img/s by 32;
 # `lookalike bench --model-only` prints it). Larger batches are cut into passes of this size.
 INT8_FORWARD = 8
+# ``auto`` keeps a faster CPU path only if it is: int8's quantising costs more than it saves
+# in a narrow model (the tiny test CLIP: x0.54 of fp32 on a VNNI CPU).
+MIN_FAST_GAIN = 1.1
 # torch's fused scaled-dot-product attention: the fastest the model has on a GPU (24,567 against
 # 19,690 images/s eager for ViT-B/32 at batch 256 on an H100), the same results.
 ATTENTION = "sdpa"
@@ -394,12 +397,40 @@ def _worst_cosine(
     )
 
 
+def _gain(
+    encoder: ClipImageEncoder,
+    model: torch.nn.Module,
+    dtype: torch.dtype,
+    pixels: torch.Tensor,
+    *,
+    max_forward: int | None,
+) -> float:
+    """How many times faster ``model`` embeds the probes than fp32 (best of three passes each,
+    alternating, after the checks' passes warmed both up)."""
+    trial = dataclasses.replace(
+        encoder,
+        model=model,
+        dtype=dtype,
+        max_forward=max_forward,
+        notes=[],
+        graphed=None,
+    )
+    times: dict[int, list[float]] = {0: [], 1: []}
+    for _ in range(3):
+        for side, candidate in enumerate((encoder, trial)):
+            started = time.perf_counter()
+            candidate.embed_pixels(pixels)
+            times[side].append(time.perf_counter() - started)
+    return min(times[0]) / max(min(times[1]), 1e-9)
+
+
 def choose_cpu_paths(encoder: ClipImageEncoder, pixels: torch.Tensor, *, mode: str) -> None:
     """Replace fp32 by a faster CPU path that keeps the embeddings (checked here, on the
     probes, against fp32): int8 (worker.int8) in passes of ``INT8_FORWARD`` images
     (``auto`` where this CPU multiplies int8 fast, ``int8``), else bf16 where the CPU has it
     (``auto``, ``bf16``). A path whose worst cosine is below ``FAST_MIN_COSINE`` (a margin
-    over the 0.99 promised for every image) is refused."""
+    over the 0.99 promised for every image) is refused; under ``auto``, so is one that does
+    not embed the probes at least ``MIN_FAST_GAIN`` times as fast as fp32."""
     fp32 = encoder.model
     reference = encoder.embed_pixels(pixels)
     order = {"auto": ["int8", "bf16"], "int8": ["int8"], "bf16": ["bf16"]}[mode]
@@ -422,10 +453,13 @@ def choose_cpu_paths(encoder: ClipImageEncoder, pixels: torch.Tensor, *, mode: s
         )
         worst = _worst_cosine(encoder, model, dtype, pixels, reference)
         kept = worst >= FAST_MIN_COSINE
-        encoder.notes.append(
-            f"{name} {'kept' if kept else 'refused'}: min cosine {worst:.4f} vs fp32 "
-            f"on {len(pixels)} probes"
-        )
+        why = f"min cosine {worst:.4f} vs fp32 on {len(pixels)} probes"
+        if kept and mode == "auto":
+            passes = INT8_FORWARD if name == "int8" else None
+            gain = _gain(encoder, model, dtype, pixels, max_forward=passes)
+            kept = gain >= MIN_FAST_GAIN
+            why += f", x{gain:.2f} as fast"
+        encoder.notes.append(f"{name} {'kept' if kept else 'refused'}: {why}")
         if kept:
             encoder.model, encoder.dtype = model, dtype
             encoder.precision = "int8-dynamic" if name == "int8" else "bf16"
@@ -450,20 +484,14 @@ def _synthetic_probes(count: int = 8) -> list[Image.Image]:
     return probes
 
 
-def default_path(device: str) -> str:
-    """Batched torch on a GPU; on a CPU, Pillow resizes (much faster there) and torch
-    normalises in batches."""
-    return TORCH if device.startswith("cuda") else PIL_TORCH
-
-
 def choose_preprocessing(
     encoder: ClipImageEncoder, probes: Sequence[Image.Image], *, mode: str
 ) -> None:
-    """Use the faster preprocessing path (``mode``, or the device's default for ``auto``) only
+    """Use the faster preprocessing path (``mode``, or ``torch`` for ``auto``) only
     if its embeddings of the probes agree with the processor's to cosine >=
     ``PREPROCESS_MIN_COSINE``; else keep the processor and say why (``path_note``, which the
     worker announces in /readyz, and the log)."""
-    path = default_path(encoder.device) if mode == "auto" else mode
+    path = TORCH if mode == "auto" else mode
     if path == PROCESSOR:
         encoder.path = PROCESSOR
         encoder.path_note = "preprocessing: the image processor (LOOKALIKE_PREPROCESS)"

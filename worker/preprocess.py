@@ -5,11 +5,11 @@ one that proves equivalent to the checkpoint's own image processor on its probe 
   reference, and the fall-back.
 * ``pil+torch``: the processor's resize and crop, done by :func:`shared.images.model_input`
   (the same Pillow calls, so the same pixels), then one batched torch rescale-and-normalise.
-  The API already stores job images at the model's size, so for jobs only the batched part is
-  left. The default on a CPU, where Pillow resizes far faster than torch.
 * ``torch``: everything as batched tensor work on the device (uint8 pixels in, bicubic resize
-  with antialiasing, centre crop, rescale, normalise): the default on a GPU, where the model
-  takes tens of thousands of images a second and Pillow in one thread could not keep up.
+  with antialiasing, centre crop, rescale, normalise): the default. On a GPU the model takes
+  tens of thousands of images a second and Pillow in one thread could not keep up; on a CPU
+  torch resizes uint8 images with Pillow's own arithmetic, vectorised: 0.39 ms for a
+  320x240 image where Pillow takes 1.1 ms, to within a grey level of Pillow's pixels.
 
 Images of one size go through torch together; mixed sizes are grouped by size.
 """
@@ -82,9 +82,11 @@ class Preprocessing:
 
     def normalise(self, batch: torch.Tensor) -> torch.Tensor:
         """N x 3 x H x W uint8 (any device) to the model's input: rescale and normalise in one
-        multiply-add, in float32."""
+        multiply-add, in float32. The uint8 pixels are made contiguous first: from the
+        channels-last view of HxWx3 arrays, the multiply-add and the patch convolution after
+        it took 0.99 ms an image on a CPU, against 0.31 ms (ViT-B/32: 1.95 against 1.68)."""
         shift, scale = _affine(self, batch.device)
-        return torch.addcmul(shift, batch.float(), scale)
+        return torch.addcmul(shift, batch.contiguous().float(), scale)
 
     def resize_and_crop(self, batch: torch.Tensor) -> torch.Tensor:
         """N x 3 x H x W uint8 of one size to the crop, as torch ops: the short side to
@@ -101,21 +103,30 @@ class Preprocessing:
                 new_long,
             )
         )
-        x = batch.float()
+        x = batch
         if (new_h, new_w) != (height, width):
-            x = (
-                torch.nn.functional.interpolate(
-                    x, size=(new_h, new_w), mode="bicubic", antialias=True, align_corners=False
-                )
-                .clamp_(0, 255)
-                .round_()
-            )
+            x = _resize(batch, (new_h, new_w), mode=_MODES.get(spec.resample, "bicubic"))
         top, left = (new_h - spec.crop_height) // 2, (new_w - spec.crop_width) // 2
         if top < 0 or left < 0:  # a crop larger than the image: padded with black, as Pillow
             pad = (max(0, -left), max(0, -left), max(0, -top), max(0, -top))
             x = torch.nn.functional.pad(x, pad)
             top, left = max(0, top), max(0, left)
         return x[:, :, top : top + spec.crop_height, left : left + spec.crop_width]
+
+
+# Pillow's filters that torch has (antialiased like Pillow's); any other is refused by the
+# start check against the processor.
+_MODES = {int(Image.Resampling.BILINEAR): "bilinear", int(Image.Resampling.BICUBIC): "bicubic"}
+
+
+def _resize(batch: torch.Tensor, size: tuple[int, int], *, mode: str) -> torch.Tensor:
+    """Pillow's antialiased resize of N x 3 x H x W uint8, as uint8: on a CPU by torch's uint8
+    kernel (Pillow's arithmetic), elsewhere in float32, rounded and clamped."""
+    interpolate = torch.nn.functional.interpolate
+    if batch.device.type == "cpu":
+        return interpolate(batch, size=size, mode=mode, antialias=True, align_corners=False)
+    x = interpolate(batch.float(), size=size, mode=mode, antialias=True, align_corners=False)
+    return x.clamp_(0, 255).round_().to(torch.uint8)
 
 
 @functools.cache
@@ -166,11 +177,11 @@ def tensor_input(
         batch = batch.to(device, non_blocking=True)
         if on_device:
             batch = preprocessing.resize_and_crop(batch)
-        parts.append((positions, preprocessing.normalise(batch)))
-    if len(parts) == 1:
-        return parts[0][1]
-    ordered: list[torch.Tensor | None] = [None] * len(arrays)
-    for positions, batch in parts:
-        for row, position in enumerate(positions):
-            ordered[position] = batch[row]
-    return torch.stack([row for row in ordered if row is not None])
+        parts.append((positions, batch))
+    pixels = parts[0][1]
+    if len(parts) > 1:  # back in order, still uint8, for one normalisation of them all
+        pixels = pixels.new_empty((len(arrays), *pixels.shape[1:]))
+        for positions, batch in parts:
+            rows = torch.tensor(positions, device=pixels.device)
+            pixels.index_copy_(0, rows, batch.contiguous())
+    return preprocessing.normalise(pixels)

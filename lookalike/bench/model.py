@@ -38,6 +38,7 @@ from worker.encoder import ClipImageEncoder, load_encoder
 from worker.engine import default_index_dir
 from worker.index import STORED_DTYPE, gallery_to_images, load_index, top_k
 from worker.loader import loader_processes
+from worker.preprocess import PIL_TORCH, PROCESSOR, TORCH
 
 DEFAULT_SIZES = (10_000, 70_000, 1_000_000)
 COMPARE_IMAGES = 64
@@ -335,11 +336,12 @@ def measure_preprocessing(
     encoder: ClipImageEncoder, images: Sequence[Image.Image], *, batch_size: int, repeats: int
 ) -> dict[str, Any]:
     """Images per second, one process, from a gallery image (28 px) or a 640x480 JPEG (decoded
-    as uploads are) to the model's input: CLIP's image processor against the path this
-    encoder uses (``encoder.path``), in batches of ``batch_size``."""
+    as uploads are) to the model's input: CLIP's image processor against the fast paths (the
+    one this encoder uses is ``encoder.path``), in batches of ``batch_size``."""
     sample = list(images[:PREPROCESS_IMAGES])
     jpegs = [_jpeg(image, (640, 480)) for image in sample]
-    figures: dict[str, Any] = {"path": encoder.path, "batch_size": batch_size}
+    paths = [PROCESSOR, *((PIL_TORCH, TORCH) if encoder.steps is not None else ())]
+    figures: dict[str, Any] = {"path": encoder.path, "paths": paths, "batch_size": batch_size}
 
     def rate(fn: Callable[[list[Any]], object], inputs: list[Any]) -> float:
         def one(_: int) -> None:
@@ -352,18 +354,16 @@ def measure_preprocessing(
     def decoded(data: list[bytes]) -> list[Image.Image]:
         return [decode_upload(d, max_pixels=10**8).image for d in data]
 
-    def processor(batch: list[Image.Image]) -> object:
-        return encoder.pixels(batch)
-
-    def fast(batch: list[Image.Image]) -> object:
-        return encoder.input_pixels(batch)
+    def by(path: str) -> Callable[[list[Image.Image]], object]:
+        return lambda batch: encoder.input_pixels(batch, path=path)
 
     def from_jpeg(
         to_pixels: Callable[[list[Image.Image]], object],
     ) -> Callable[[list[Any]], object]:
         return lambda batch: to_pixels(decoded(batch))
 
-    for name, fn in (("processor", processor), (encoder.path, fast)):
+    for name in paths:
+        fn = by(name)
         figures[name] = {
             "gallery_28px_per_s": rate(fn, sample),
             "jpeg_640x480_per_s": rate(from_jpeg(fn), jpegs),
@@ -480,9 +480,10 @@ def format_model_report(report: dict[str, Any]) -> str:
         lines.append(
             f"preprocess   one process, batches of {pre['batch_size']}, images/s: "
             + "; ".join(
-                f"{name} {pre[name]['gallery_28px_per_s']:.0f} (28 px gallery image), "
+                f"{name}{' (used)' if name == pre['path'] else ''} "
+                f"{pre[name]['gallery_28px_per_s']:.0f} (28 px gallery image), "
                 f"{pre[name]['jpeg_640x480_per_s']:.0f} (640x480 JPEG, decoded)"
-                for name in dict.fromkeys(("processor", pre["path"]))
+                for name in pre.get("paths", dict.fromkeys(("processor", pre["path"])))
             )
         )
     if build:

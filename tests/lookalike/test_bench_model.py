@@ -142,11 +142,12 @@ def test_synthetic_rows_are_unit_float16() -> None:
 
 def test_model_bench_times_preprocessing_both_ways_and_a_build(report: dict[str, Any]) -> None:
     pre = report["preprocessing"]
-    assert pre["path"] == "pil+torch"
-    for path in ("processor", "pil+torch"):
+    assert pre["path"] == "torch"
+    for path in ("processor", "pil+torch", "torch"):
         positive(pre[path], "gallery_28px_per_s", "jpeg_640x480_per_s")
     build = report["build"]
     assert build["images"] == GALLERY_SIZE
     positive(build, "build_images_per_s", "forward_images_per_s")
     text = format_model_report(report)
     assert "preprocess   one process" in text and "build        " in text
+    assert "torch (used)" in text

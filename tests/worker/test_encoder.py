@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import time
 import dataclasses
 import json
 from pathlib import Path
@@ -192,6 +193,43 @@ def test_fast_cpu_auto_keeps_int8_that_keeps_embeddings(
     assert encoder.notes[-1].startswith("int8 kept")
 
 
+def _slowed(model: torch.nn.Module) -> torch.nn.Module:
+    model.register_forward_pre_hook(lambda *_: time.sleep(0.02))
+    return model
+
+
+def test_fast_cpu_auto_refuses_int8_slower_than_fp32_on_this_model(
+    tiny_clip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(int8, "matmul_speedup", lambda: 4.0)  # a CPU with fast int8 products
+    monkeypatch.setattr(int8, "quantise", lambda model, *a, **k: _slowed(copy.deepcopy(model)))
+
+    encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="auto"))
+
+    assert encoder.precision in ("fp32", "bf16")  # bf16 is tried next where the CPU has it
+    int8_note = next(note for note in encoder.notes if note.startswith("int8"))
+    assert int8_note.startswith("int8 refused: min cosine 1.0000")
+    assert float(int8_note.rsplit(", x", 1)[1].split()[0]) < 1.0
+
+
+def test_fast_cpu_auto_keeps_int8_faster_than_fp32_on_this_model(
+    tiny_clip_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    def quantise_and_slow_the_original(model: torch.nn.Module, *a: object, **k: object) -> object:
+        fast = copy.deepcopy(model)
+        _slowed(model)  # fp32 now takes 20 ms more a pass
+        return fast
+
+    monkeypatch.setattr(int8, "matmul_speedup", lambda: 4.0)
+    monkeypatch.setattr(int8, "quantise", quantise_and_slow_the_original)
+
+    encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="auto"))
+
+    assert encoder.precision == "int8-dynamic"
+    assert encoder.notes[0].startswith("int8 kept: min cosine 1.0000")
+    assert float(encoder.notes[0].rsplit(", x", 1)[1].split()[0]) >= 1.1
+
+
 def test_int8_embeds_large_batches_in_passes_of_a_few_images(
     tiny_clip_dir: Path, fp32_encoder: ClipImageEncoder, monkeypatch: pytest.MonkeyPatch
 ) -> None:
@@ -224,6 +262,7 @@ def test_fast_cpu_auto_falls_back_to_bf16_when_int8_is_refused(
     monkeypatch.setattr(int8, "quantise", scrambling_quantiser)
     monkeypatch.setattr(int8, "matmul_speedup", lambda: 3.0)
     monkeypatch.setattr(encoder_module, "bf16_supported", lambda: True)
+    monkeypatch.setattr(encoder_module, "_gain", lambda *a, **k: 2.0)  # speed is not the point
     images = pictures(4)
 
     encoder = load_encoder(ModelSettings(name=str(tiny_clip_dir), device="cpu", fast_cpu="auto"))
