@@ -180,7 +180,7 @@ def _small_copy(item: _Ready) -> bytes | None:
     """What to keep of a large upload for the result picture: a copy of at most 256 px."""
     if item.image is None or item.upload_size <= KEEP_UPLOADS_UP_TO:
         return None
-    return encode_thumbnail(item.image)
+    return encode_thumbnail(item.image, quick=True)
 
 
 def _started(store: JobStore, started: Started, context: Context) -> JobRecord | None:

@@ -335,6 +335,15 @@ def test_encode_thumbnail_makes_a_jpeg_above_64_px() -> None:
     assert (thumb.format, thumb.size) == ("JPEG", (65, 65))
 
 
+def test_a_quick_thumbnail_shrinks_photos_by_a_whole_factor_to_at_most_256_px() -> None:
+    photo = Image.new("RGB", (1200, 600), (120, 60, 30))
+
+    thumb = decoded(encode_thumbnail(photo, quick=True))
+
+    assert (thumb.format, thumb.size) == ("JPEG", (240, 120))  # 1200 / 5
+    assert decoded(encode_thumbnail(Image.new("RGB", (250, 90)), quick=True)).size == (250, 90)
+
+
 def test_encode_thumbnail_shrinks_photos_to_256_px() -> None:
     photo = Image.new("RGB", (1200, 600), (120, 60, 30))
 
