@@ -5,7 +5,8 @@ listens with one pattern subscription per API process. Everyone waiting on one j
 Server-Sent Events streams: a thousand clients on one job is fine) shares one :class:`Watch`:
 when the job changes, the hub reads it from Redis **once** and hands the same snapshot (and its
 JSON, serialised once) to all of them. So the Redis work of a change does not grow with the
-number of waiters, and no burst of reads follows the end of a popular job.
+number of waiters, and no burst of reads follows the end of a popular job. A job's start is
+read only when a stream follows the job; a long poll waits for its end.
 
 Nothing is missed: a request starts watching before it reads the job itself, so a change during
 its read is caught; whenever the subscription is (re)established every watched job is read
@@ -25,9 +26,11 @@ from typing import Any
 from redis.exceptions import RedisError
 
 from shared.jobs import AsyncJobStore, JobRecord
+from shared.schemas import JobStatus
 
 log = logging.getLogger(__name__)
 
+FINAL = frozenset(status.value for status in JobStatus if status.is_final)
 RECHECK_S = 5.0
 SHUTDOWN_S = 2.0
 PING_AFTER_S = 10.0
@@ -45,6 +48,7 @@ class Watch:
         self.unreadable = False  # the last read failed: Redis is unavailable
         self._payload: str | None = None
         self._waiters: set[asyncio.Event] = set()
+        self.followers = 0  # waiters that want every change (streams), not just the end
         self.reading: asyncio.Task[None] | None = None
         self.again = False  # a change arrived while a read was under way
 
@@ -124,18 +128,21 @@ class JobEvents:
         return len(self._watches)
 
     @contextlib.contextmanager
-    def watch(self, job_id: str) -> Iterator[Waiter]:
+    def watch(self, job_id: str, *, every_change: bool = False) -> Iterator[Waiter]:
         """Follow job ``job_id`` until the block ends. Watch first, then read the job and
         :meth:`Waiter.seed` the watch with it: a change during the read is then not missed,
-        and costs a read only if it happens."""
+        and costs a read only if it happens. A long poll waits for the job's end only;
+        ``every_change`` (a stream) also has the job read again when it starts running."""
         watch = self._watches.get(job_id)
         if watch is None:
             watch = self._watches[job_id] = Watch(job_id)
         waiter = Waiter(watch)
         watch._waiters.add(waiter.changed)
+        watch.followers += every_change
         try:
             yield waiter
         finally:
+            watch.followers -= every_change
             watch._waiters.discard(waiter.changed)
             if not watch._waiters and self._watches.get(watch.job_id) is watch:
                 del self._watches[watch.job_id]
@@ -216,5 +223,12 @@ class JobEvents:
             if isinstance(channel, bytes):
                 channel = channel.decode()
             watch = self._watches.get(self.keys.job_id_of_channel(channel))
-            if watch is not None:
+            if watch is not None and (watch.followers or _is_end(message.get("data"))):
                 self.refresh(watch)
+
+
+def _is_end(data: object) -> bool:
+    """Whether an event says the job ended (workers publish its new status, or its stage)."""
+    if isinstance(data, bytes):
+        data = data.decode(errors="replace")
+    return data in FINAL

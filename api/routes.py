@@ -5,7 +5,7 @@ from __future__ import annotations
 import contextlib
 import logging
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Query, Request, Response
@@ -22,7 +22,7 @@ from api.deps import (
     StoreDep,
     read_owned_job,
 )
-from api.events import Waiter
+from api.events import Waiter, Watch
 from api.schemas import BatchAccepted, problem_responses
 from api.submit import check_item, decode, refuse_if_full, submit, target
 from api.uploads import (
@@ -64,20 +64,28 @@ GalleryName = Annotated[
 ]
 
 
+Wait = Annotated[float, Query(ge=0, description="Long poll: seconds to wait for the end (capped)")]
+
+
 @router.post(
     "/jobs",
     status_code=202,
     response_model=Job,
-    responses=problem_responses(400, 401, 408, 413, 422, 429, 503),
+    responses={
+        200: {"description": "The job ended within ?wait", "model": Job},
+        **problem_responses(400, 401, 408, 413, 422, 429, 503),
+    },
     openapi_extra=UPLOAD_BODY,
-    summary="Submit an image (or a text query); answers at once with the job to poll",
+    summary="Submit an image (or a text query); with ?wait=N, wait up to N seconds for the end",
 )
 async def create_job(
     request: Request,
     state: State,
     owner: Caller,
+    events: EventsDep,
     k: K = None,
     gallery: GalleryName = None,
+    wait: Wait = 0.0,
 ) -> Response:
     submission = await read_submission(
         request,
@@ -93,10 +101,38 @@ async def create_job(
         raise HTTPException(400, ONE_QUERY)
     if queries == 0:
         raise HTTPException(422, NO_FILE)  # (a second file was refused while reading)
-    (job,) = await _accept(state, submission, max_files=1, owner=owner)
-    return Response(
-        job.public_json(), status_code=202, media_type=JSON, headers={"Location": f"/jobs/{job.id}"}
-    )
+    if wait <= 0:
+        (job,) = await _accept(state, submission, max_files=1, owner=owner)
+        return _accepted(job)
+    deadline = time.monotonic() + min(wait, state.settings.api.max_wait_s)
+    job_id = new_job_id()
+    with events.watch(job_id) as waiter:  # before the job exists: its end cannot be missed
+        (job,) = await _accept(state, submission, max_files=1, owner=owner, job_ids=[job_id])
+        waiter.seed(job)
+        watch = await _until_ended(waiter, deadline)
+        if watch.job is not None and watch.job.status.is_final:
+            return Response(watch.payload, media_type=JSON, headers=_location(job))
+    return _accepted(job)
+
+
+def _location(job: JobRecord) -> dict[str, str]:
+    return {"Location": f"/jobs/{job.id}"}
+
+
+def _accepted(job: JobRecord) -> Response:
+    return Response(job.public_json(), status_code=202, media_type=JSON, headers=_location(job))
+
+
+async def _until_ended(waiter: Waiter, deadline: float) -> Watch:
+    """The watch once its job has ended, is gone, or ``deadline`` (monotonic) has passed."""
+    while True:
+        watch = waiter.watch
+        if watch.gone or (watch.job is not None and watch.job.status.is_final):
+            return watch
+        remaining = deadline - time.monotonic()
+        if remaining <= 0:
+            return watch
+        await waiter.next(remaining)
 
 
 @router.post(
@@ -133,8 +169,10 @@ async def _accept(
     *,
     max_files: int,
     owner: str | None,
+    job_ids: Sequence[str] = (),
 ) -> list[JobRecord]:
-    """Validate, store and enqueue the jobs of a submission; all of them or none."""
+    """Validate, store and enqueue the jobs of a submission; all of them or none (with the
+    ids ``job_ids``, if given, else new ones)."""
     settings = state.settings
     view = await state.fleet.view()
     top_k = submission.k or settings.gallery.top_k
@@ -152,9 +190,10 @@ async def _accept(
     else:
         kind = JobKind.IMAGE
     uploads: list[bytes | None] = list(pixels) or [None]
+    ids = list(job_ids) or [new_job_id() for _ in uploads]
     new = [
         NewJob(
-            new_job_id(),
+            job_id,
             k=top_k,
             gallery=gallery_name,
             upload=upload,
@@ -163,7 +202,7 @@ async def _accept(
             kind=kind,
             options=submission.options,
         )
-        for upload in uploads
+        for job_id, upload in zip(ids, uploads, strict=True)
     ]
     return await submit(state, new, kind=kind)
 
@@ -180,9 +219,7 @@ async def read_job(
     store: StoreDep,
     events: EventsDep,
     settings: SettingsDep,
-    wait: Annotated[
-        float, Query(ge=0, description="Long poll: seconds to wait for the end (capped)")
-    ] = 0.0,
+    wait: Wait = 0.0,
 ) -> Response:
     if wait <= 0:
         job = await read_owned_job(store, job_id, owner)  # after FastAPI checked ``wait``
@@ -190,15 +227,10 @@ async def read_job(
     deadline = time.monotonic() + min(wait, settings.api.max_wait_s)
     with events.watch(job_id) as waiter:  # shared with every other waiter of this job
         waiter.seed(await read_owned_job(store, job_id, owner))
-        while True:
-            watch = waiter.watch
-            if watch.gone:
-                raise HTTPException(404, JOB_NOT_FOUND)
-            remaining = deadline - time.monotonic()
-            assert watch.job is not None
-            if watch.job.status.is_final or remaining <= 0:
-                return Response(watch.payload, media_type=JSON)
-            await waiter.next(remaining)
+        watch = await _until_ended(waiter, deadline)
+        if watch.gone:
+            raise HTTPException(404, JOB_NOT_FOUND)
+        return Response(watch.payload, media_type=JSON)
 
 
 @router.get(
@@ -218,7 +250,8 @@ async def job_events(
     job_id: str, owner: Caller, store: StoreDep, events: EventsDep
 ) -> StreamingResponse:
     watching = contextlib.ExitStack()  # left when the stream ends
-    waiter = watching.enter_context(events.watch(job_id))  # before the read, as a long poll
+    # before the read, as a long poll
+    waiter = watching.enter_context(events.watch(job_id, every_change=True))
     try:
         waiter.seed(await read_owned_job(store, job_id, owner))
     except BaseException:

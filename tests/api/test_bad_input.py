@@ -416,6 +416,15 @@ def test_read_job_rejects_a_negative_wait(http: httpx.Client) -> None:
     assert_refused(http.get("/jobs/" + "0" * 32, params={"wait": "-1"}), 422, BAD_WAIT)
 
 
+@pytest.mark.parametrize("bad_wait", ["-1", "soon", "nan"])
+def test_upload_rejects_a_wait_that_is_not_a_number_of_seconds(
+    http: httpx.Client, fake_data_dir: Path, bad_wait: str
+) -> None:
+    files = {"file": ("a.png", gallery_png(fake_data_dir, 3), "image/png")}
+    reply = http.post("/jobs", files=files, params={"wait": bad_wait})
+    assert_refused(reply, 422, BAD_WAIT)
+
+
 # --- hostile multipart --------------------------------------------------------------------
 
 

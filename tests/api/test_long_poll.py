@@ -1,28 +1,45 @@
-"""Long polls, in process: a job that ends while its record is being read wakes the poller."""
+"""Long polls, in process (no worker: the tests end the jobs themselves): a job that ends while
+its record is being read wakes the poller; a submission can wait for its job's end; a long poll
+reads a job only when it ends."""
 
 from __future__ import annotations
 
 import asyncio
+import io
+import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from typing import Any
 
 import redis
 from fastapi.testclient import TestClient
+from PIL import Image
 
 from api.events import RECHECK_S
 from shared.jobs import JobRecord, JobStore
 
 
-def test_long_poll_wakes_for_a_job_that_ends_while_it_is_being_read(
-    redis_client: redis.Redis, make_client: Callable[..., TestClient]
-) -> None:
+def listening(make_client: Callable[..., TestClient], redis_client: redis.Redis) -> TestClient:
+    """An in-process app whose event hub listens (and has read what it watches)."""
     client = make_client()
     deadline = time.monotonic() + 10
-    while redis_client.pubsub_numpat() < 1:  # the event hub listens (and has read what it watches)
+    while redis_client.pubsub_numpat() < 1:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     time.sleep(0.1)
+    return client
+
+
+def png() -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (28, 28), (200, 100, 50)).save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+def test_long_poll_wakes_for_a_job_that_ends_while_it_is_being_read(
+    redis_client: redis.Redis, make_client: Callable[..., TestClient]
+) -> None:
+    client = listening(make_client, redis_client)
     sync_store = JobStore(redis_client, prefix="lookalike", ttl_s=600)
     job_id = "c" * 32
     sync_store.create(job_id, upload=b"never enqueued", k=5)
@@ -48,3 +65,98 @@ def test_long_poll_wakes_for_a_job_that_ends_while_it_is_being_read(
     assert reply.status_code == 200
     assert reply.json()["status"] == "failed"
     assert elapsed < 0.2 + RECHECK_S / 2, f"woke after {elapsed:.2f}s"
+
+
+def test_a_submission_with_wait_answers_200_with_the_job_once_it_ends(
+    redis_client: redis.Redis, make_client: Callable[..., TestClient]
+) -> None:
+    client = listening(make_client, redis_client)
+    sync_store = JobStore(redis_client, prefix="lookalike", ttl_s=600)
+    store = client.app.state.lookalike.store  # type: ignore[attr-defined]
+    submit = store.submit
+
+    async def submit_then_end_soon(jobs: Sequence[Any], **kwargs: Any) -> Any:
+        records = await submit(jobs, **kwargs)  # stored and queued; the "worker" ends it soon
+        threading.Timer(0.3, sync_store.fail, args=(jobs[0].job_id, "ended by the test")).start()
+        return records
+
+    store.submit = submit_then_end_soon
+    started = time.monotonic()
+    reply: Any = client.post("/jobs", params={"wait": "5"}, files={"file": ("q.png", png())})
+    elapsed = time.monotonic() - started
+
+    assert reply.status_code == 200
+    job = reply.json()
+    assert (job["status"], job["error"]) == ("failed", "ended by the test")
+    assert reply.headers["location"] == f"/jobs/{job['id']}"
+    assert elapsed < 0.3 + RECHECK_S / 2, f"answered after {elapsed:.2f}s"
+
+
+def test_a_submission_whose_wait_runs_out_answers_202_with_the_queued_job(
+    redis_client: redis.Redis, make_client: Callable[..., TestClient]
+) -> None:
+    client = listening(make_client, redis_client)
+    started = time.monotonic()
+    reply: Any = client.post("/jobs", params={"wait": "0.5"}, files={"file": ("q.png", png())})
+    elapsed = time.monotonic() - started
+
+    assert reply.status_code == 202
+    assert reply.json()["status"] == "queued"
+    assert reply.headers["location"] == f"/jobs/{reply.json()['id']}"
+    assert 0.45 <= elapsed < 3
+
+
+def _count_reads(client: TestClient) -> list[str]:
+    store = client.app.state.lookalike.store  # type: ignore[attr-defined]
+    read = store.get
+    reads: list[str] = []
+
+    async def counted(job_id: str) -> JobRecord | None:
+        reads.append(job_id)
+        return await read(job_id)
+
+    store.get = counted
+    return reads
+
+
+def _start_then_end(sync_store: JobStore, job_id: str) -> None:
+    time.sleep(0.3)  # the request watches the job
+    sync_store.start(job_id, worker="test")  # published: running
+    time.sleep(0.3)
+    sync_store.fail(job_id, "ended by the test")  # published: failed
+
+
+def test_a_long_poll_reads_the_job_when_it_ends_not_when_it_starts(
+    redis_client: redis.Redis, make_client: Callable[..., TestClient]
+) -> None:
+    client = listening(make_client, redis_client)
+    sync_store = JobStore(redis_client, prefix="lookalike", ttl_s=600)
+    job_id = "d" * 32
+    sync_store.create(job_id, upload=b"never enqueued", k=5)
+    reads = _count_reads(client)
+    worker = threading.Thread(target=_start_then_end, args=(sync_store, job_id))
+    worker.start()
+    reply: Any = client.get(f"/jobs/{job_id}", params={"wait": "5"})
+    worker.join()
+
+    assert reply.json()["status"] == "failed"
+    assert len(reads) == 2  # the request's own read, then the hub's at the end
+
+
+def test_a_stream_reads_the_job_when_it_starts_and_when_it_ends(
+    redis_client: redis.Redis, make_client: Callable[..., TestClient]
+) -> None:
+    client = listening(make_client, redis_client)
+    sync_store = JobStore(redis_client, prefix="lookalike", ttl_s=600)
+    job_id = "e" * 32
+    sync_store.create(job_id, upload=b"never enqueued", k=5)
+    reads = _count_reads(client)
+    worker = threading.Thread(target=_start_then_end, args=(sync_store, job_id))
+    worker.start()
+    with client.stream("GET", f"/jobs/{job_id}/events") as reply:
+        events = [line for line in reply.iter_lines() if line.startswith("data: ")]
+    worker.join()
+
+    statuses = [line.split('"status":"')[1].split('"')[0] for line in events]
+    assert statuses == ["queued", "running", "failed"]
+    assert len(reads) == 3
