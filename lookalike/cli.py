@@ -142,8 +142,8 @@ def cmd_bench(args: argparse.Namespace) -> int | str:
     for name in ("requests", "concurrency", "batch_size", "repeats", "processes"):
         if getattr(args, name) < 1:
             return f"--{name.replace('_', '-')} must be at least 1"
-    if args.warmup < 0 or args.timeout <= 0:
-        return "--warmup must be 0 or more and --timeout more than 0"
+    if args.warmup < 0 or args.timeout <= 0 or args.submit_wait < 0:
+        return "--warmup and --submit-wait must be 0 or more and --timeout more than 0"
     settings = load_settings()
     if args.model_only:
         from lookalike.bench.model import DEFAULT_SIZES, format_model_report, run_model_bench
@@ -169,6 +169,7 @@ def cmd_bench(args: argparse.Namespace) -> int | str:
             data_dir=settings.gallery.data_dir,
             api_key=args.api_key,
             processes=args.processes,
+            submit_wait_s=args.submit_wait,
         )
         print(format_summary(report))
         code = exit_code(report)
@@ -345,6 +346,14 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         help="client processes sharing the requests and the concurrency (default 1): one "
         "process drives about a thousand requests a second",
+    )
+    bench.add_argument(
+        "--submit-wait",
+        type=float,
+        default=30.0,
+        metavar="SECONDS",
+        help="wait for each job's end in its submission (POST /jobs?wait=, default 30): one "
+        "request per job; 0: submit, then long-poll (two requests per job)",
     )
     bench.add_argument(
         "--api-key",

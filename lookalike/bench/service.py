@@ -1,8 +1,9 @@
 """``lookalike bench``: drive a running service over HTTP the way real clients do.
 
 Each request uploads real image bytes (a gallery image as a PNG, or the same image upscaled
-into a 640x480 or 1600x1200 JPEG, like a phone photo), then waits for the job's end with the
-long poll (``GET /jobs/<id>?wait=30``). End-to-end latency runs from the first byte of the
+into a 640x480 or 1600x1200 JPEG, like a phone photo) and waits for the job's end in the same
+request (``POST /jobs?wait=30``), then with the long poll (``GET /jobs/<id>?wait=30``) if it
+has not come (``--submit-wait 0``: always). End-to-end latency runs from the first byte of the
 first submission to the answer that carries the job's end, so the wait after a 429 counts.
 
 Light on purpose (Pillow, numpy and lookalike.bench.http_lite, a lean HTTP client): no torch, and
@@ -238,7 +239,12 @@ def format_summary(summary: dict[str, Any]) -> str:
     lines = [
         f"{summary['requests']} requests at concurrency {summary['concurrency']} to "
         f"{summary['url']} in {summary['wall_s']:.1f}s "
-        f"(after {summary['warmup']} warm-up request(s))",
+        f"(after {summary['warmup']} warm-up request(s); "
+        + (
+            f"each submission waits up to {summary['submit_wait_s']:g}s for its job's end)"
+            if summary.get("submit_wait_s")
+            else "each job submitted, then long-polled)"
+        ),
         f"throughput   {f(summary['throughput_jobs_per_s'], 2)} jobs/s",
         f"end-to-end   p50 {f(lat['p50'])} ms   p95 {f(lat['p95'])} ms   "
         f"p99 {f(lat['p99'])} ms   max {f(lat['max'])} ms",
@@ -286,14 +292,16 @@ def format_summary(summary: dict[str, Any]) -> str:
 
 
 async def _submit(
-    client: HttpClient, payload: Payload, outcome: Outcome, deadline: float
+    client: HttpClient, payload: Payload, outcome: Outcome, deadline: float, wait_s: float
 ) -> dict[str, Any] | None:
-    """POST the image until accepted; wait out each 429's Retry-After. The job, or None."""
+    """POST the image until accepted (``?wait``: the answer carries the job's end if it comes
+    within ``wait_s``); wait out each 429's Retry-After. The job, or None."""
+    path = f"/jobs?wait={wait_s:g}" if wait_s > 0 else "/jobs"
     while True:
         try:
             reply = await client.request(
                 "POST",
-                "/jobs",
+                path,
                 body=payload.body,
                 content_type=payload.body_type,
                 timeout=REQUEST_TIMEOUT_S,
@@ -303,7 +311,7 @@ async def _submit(
             outcome.error = f"submit: {_error_name(error)}"
             return None
         outcome.submit_statuses.append(reply.status)
-        if reply.status == 202:
+        if reply.status in (200, 202):  # ended within the wait, or accepted
             outcome.accepted = True
             job: dict[str, Any] = reply.json()
             return job
@@ -345,12 +353,15 @@ async def _wait(
     return job
 
 
-async def run_one(client: HttpClient, payload: Payload, *, timeout_s: float) -> Outcome:
-    """One client's request: submit, long-poll to the end, record what was seen."""
+async def run_one(
+    client: HttpClient, payload: Payload, *, timeout_s: float, submit_wait_s: float = 0.0
+) -> Outcome:
+    """One client's request: submit (waiting up to ``submit_wait_s`` for the end in the same
+    request), long-poll to the end if it has not come, record what was seen."""
     outcome = Outcome(kind=payload.kind)
     started = time.perf_counter()
     deadline = time.monotonic() + timeout_s
-    job = await _submit(client, payload, outcome, deadline)
+    job = await _submit(client, payload, outcome, deadline, min(submit_wait_s, POLL_WAIT_S))
     if job is None:
         return outcome
     ended = await _wait(client, job, outcome, deadline)
@@ -394,6 +405,7 @@ async def run_bench(
     api_key: str | None = None,
     start_at: float | None = None,
     offset: int = 0,
+    submit_wait_s: float = 0.0,
 ) -> tuple[list[Outcome], list[Outcome], float]:
     """Warm up, then ``requests`` requests, at most ``concurrency`` at a time (from
     ``start_at``, a ``time.time()``, when given: processes started apart begin together).
@@ -406,7 +418,12 @@ async def run_bench(
     client = HttpClient(url, limit=concurrency + 4, headers=headers)
     try:
         warm = [
-            await run_one(client, payloads[i % len(payloads)], timeout_s=timeout_s)
+            await run_one(
+                client,
+                payloads[i % len(payloads)],
+                timeout_s=timeout_s,
+                submit_wait_s=submit_wait_s,
+            )
             for i in range(warmup)
         ]
         unreachable = [o for o in warm if o.connection_errors and not o.accepted]
@@ -417,7 +434,9 @@ async def run_bench(
         async def gated(i: int) -> Outcome:
             async with gate:
                 payload = payloads[(offset + i) % len(payloads)]
-                return await run_one(client, payload, timeout_s=timeout_s)
+                return await run_one(
+                    client, payload, timeout_s=timeout_s, submit_wait_s=submit_wait_s
+                )
 
         if start_at is not None:
             await asyncio.sleep(max(0.0, start_at - time.time()))
@@ -450,6 +469,7 @@ def bench_service(
     data_dir: Path | None,
     api_key: str | None = None,
     processes: int = 1,
+    submit_wait_s: float = 0.0,
 ) -> dict[str, Any]:
     """Run the HTTP benchmark and return its summary; :class:`BenchAborted` when the warm-up
     cannot reach the service.
@@ -458,6 +478,9 @@ def bench_service(
     processes (each with its own event loop and connections) that start together after the
     warm-up; their outcomes are summarised as one run. One process's event loop tops out at
     about a thousand requests a second: past that, it would be the bottleneck it measures.
+
+    With ``submit_wait_s`` each job is one request (``POST /jobs?wait=``) unless it outlasts
+    the wait; without, two (the submission, then a long poll).
     """
     payloads = make_payloads(data_dir)
     if processes <= 1:
@@ -470,9 +493,14 @@ def bench_service(
                 timeout_s=timeout_s,
                 warmup=warmup,
                 api_key=api_key,
+                submit_wait_s=submit_wait_s,
             )
         )
-        return summarise(outcomes, wall_s=wall_s, url=url, concurrency=concurrency, warmup=warmup)
+        summary = summarise(
+            outcomes, wall_s=wall_s, url=url, concurrency=concurrency, warmup=warmup
+        )
+        summary["submit_wait_s"] = submit_wait_s
+        return summary
     if warmup:
         asyncio.run(
             run_bench(
@@ -483,6 +511,7 @@ def bench_service(
                 timeout_s=timeout_s,
                 warmup=warmup,
                 api_key=api_key,
+                submit_wait_s=submit_wait_s,
             )
         )
     start_at = time.time() + 1.0 + 0.05 * processes  # every process is up by then
@@ -498,6 +527,7 @@ def bench_service(
             "api_key": api_key,
             "start_at": start_at,
             "offset": sum(counts[:i]),
+            "submit_wait_s": submit_wait_s,
         }
         for i in range(processes)
         if counts[i] and gates[i]
@@ -509,4 +539,5 @@ def bench_service(
     wall_s = max(wall for _, wall in results)
     summary = summarise(outcomes, wall_s=wall_s, url=url, concurrency=concurrency, warmup=warmup)
     summary["processes"] = len(parts)
+    summary["submit_wait_s"] = submit_wait_s
     return summary

@@ -190,12 +190,20 @@ def test_the_http_driver_does_not_import_torch() -> None:
 
 class ScriptedService:
     """Answers 429 (Retry-After: 0) to the first three submissions, then 202; finishes each
-    job on its first long poll; jobs whose upload is a PNG fail. Served by a real uvicorn."""
+    job on its first long poll, or in a submission that waits (200) when ``ends_in_submission``;
+    jobs whose upload is a PNG fail. Served by a real uvicorn."""
 
-    def __init__(self) -> None:
+    def __init__(self, *, ends_in_submission: bool = False) -> None:
         self.submissions = 0
         self.jobs: dict[str, bool] = {}
         self.waits: list[float] = []
+        self.submit_waits: list[float] = []
+        self.ends_in_submission = ends_in_submission
+
+    def ended(self, job_id: str) -> JSONResponse:
+        if self.jobs[job_id]:
+            return JSONResponse({"id": job_id, "status": "failed", "error": "no"})
+        return JSONResponse({"id": job_id, "status": "succeeded", "result": result()})
 
     def app(self) -> Starlette:
         async def submit(request: Request) -> JSONResponse:
@@ -205,14 +213,15 @@ class ScriptedService:
             body = await request.body()  # (read before numbering: requests interleave here)
             job_id = f"job{len(self.jobs)}"
             self.jobs[job_id] = b"image/png" in body
+            if "wait" in request.query_params:
+                self.submit_waits.append(float(request.query_params["wait"]))
+                if self.ends_in_submission:
+                    return self.ended(job_id)
             return JSONResponse({"id": job_id, "status": "queued"}, 202)
 
         async def poll(request: Request) -> JSONResponse:
             self.waits.append(float(request.query_params["wait"]))
-            job_id = request.path_params["job_id"]
-            if self.jobs[job_id]:
-                return JSONResponse({"id": job_id, "status": "failed", "error": "no"})
-            return JSONResponse({"id": job_id, "status": "succeeded", "result": result()})
+            return self.ended(request.path_params["job_id"])
 
         return Starlette(
             routes=[
@@ -258,7 +267,27 @@ def test_run_bench_retries_429_and_waits_with_the_long_poll() -> None:
     assert summary["succeeded"] == 4
     assert summary["server_ms"]["embed_ms"]["p50"] == TIMINGS["embed_ms"]
     assert len(service.waits) == 6 and all(0 < w <= 10 for w in service.waits)
+    assert service.submit_waits == []  # submitted, then long-polled
     assert exit_code(summary) == 1
+
+
+@pytest.mark.parametrize("ends_in_submission", [True, False])
+def test_run_bench_with_submit_wait_makes_one_request_a_job_when_the_answer_comes_in_it(
+    ends_in_submission: bool,
+) -> None:
+    payloads = payloads_from_images(np.zeros((1, 28, 28), dtype=np.uint8))
+    service = ScriptedService(ends_in_submission=ends_in_submission)
+    service.submissions = 3  # no 429s
+    with serving(service.app()) as url:
+        _, outcomes, wall_s = asyncio.run(
+            run_bench(
+                url, payloads, requests=6, concurrency=3, timeout_s=10, warmup=0, submit_wait_s=7
+            )
+        )
+    summary = summarise(outcomes, wall_s=wall_s, url="u", concurrency=3, warmup=0)
+    assert (summary["succeeded"], summary["failed"]) == (4, 2)
+    assert service.submit_waits == [7.0] * 6
+    assert len(service.waits) == (0 if ends_in_submission else 6)  # long polls only if needed
 
 
 @pytest.mark.parametrize("concurrency", [1, 4])
