@@ -16,6 +16,7 @@ import warnings
 from dataclasses import dataclass
 
 import numpy as np
+import numpy.typing as npt
 from PIL import ExifTags, Image, ImageFile, UnidentifiedImageError
 
 from shared.errors import ImageRejected
@@ -177,8 +178,12 @@ def centre_square(image: Image.Image) -> Image.Image:
     return image.crop((left, top, left + side, top + side))
 
 
-def encode_pixels(image: Image.Image) -> bytes:
-    """An RGB image as raw pixels in a small frame: what a job keeps of its upload."""
+def encode_pixels(image: Image.Image | npt.NDArray[np.uint8]) -> bytes:
+    """An RGB image (or HxWx3 uint8 pixels) as raw pixels in a small frame: what a job keeps
+    of its upload."""
+    if isinstance(image, np.ndarray):
+        height, width = int(image.shape[0]), int(image.shape[1])
+        return _PIXELS_HEADER.pack(PIXELS_MAGIC, 1, width, height) + image.tobytes()
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     width, height = rgb.size
     return _PIXELS_HEADER.pack(PIXELS_MAGIC, 1, width, height) + rgb.tobytes()
@@ -188,16 +193,23 @@ def is_pixels(data: bytes) -> bool:
     return data[:4] == PIXELS_MAGIC
 
 
-def decode_pixels(data: bytes) -> Image.Image:
-    """The image of :func:`encode_pixels`; :class:`ImageRejected` if the frame is damaged.
-    Nothing is decompressed: the size is the frame's length, checked before use."""
+def pixels_array(data: bytes) -> npt.NDArray[np.uint8]:
+    """The HxWx3 uint8 pixels of an :func:`encode_pixels` frame, read in place (no copy; the
+    array is read-only), or :class:`ImageRejected` if the frame is damaged. Nothing is
+    decompressed: the size is the frame's length, checked before use."""
     if len(data) < _PIXELS_HEADER.size:
         raise ImageRejected(BAD_PIXELS)
     magic, version, width, height = _PIXELS_HEADER.unpack_from(data)
-    body = memoryview(data)[_PIXELS_HEADER.size :]
-    if magic != PIXELS_MAGIC or version != 1 or not width or len(body) != width * height * 3:
+    body = len(data) - _PIXELS_HEADER.size
+    if magic != PIXELS_MAGIC or version != 1 or not width or body != width * height * 3:
         raise ImageRejected(BAD_PIXELS)
-    return Image.frombytes("RGB", (width, height), bytes(body))
+    pixels = np.frombuffer(data, dtype=np.uint8, offset=_PIXELS_HEADER.size)
+    return pixels.reshape(height, width, 3)
+
+
+def decode_pixels(data: bytes) -> Image.Image:
+    """The image of :func:`encode_pixels`; :class:`ImageRejected` if the frame is damaged."""
+    return Image.fromarray(pixels_array(data))
 
 
 def upload_pixels(data: bytes, *, max_pixels: int, spec: InputSpec | None = None) -> bytes:
@@ -220,6 +232,14 @@ def stored_image(data: bytes, *, max_pixels: int) -> Image.Image:
     if is_pixels(data):
         return decode_pixels(data)
     return decode_upload(data, max_pixels=max_pixels).image
+
+
+def stored_pixels(data: bytes, *, max_pixels: int) -> npt.NDArray[np.uint8]:
+    """:func:`stored_image` as HxWx3 uint8 pixels: a pixel frame is read in place (a worker
+    hands it to torch with no copy through Pillow, whose RGB images take 4 bytes a pixel)."""
+    if is_pixels(data):
+        return pixels_array(data)
+    return np.asarray(decode_upload(data, max_pixels=max_pixels).image)
 
 
 def to_rgb(image: Image.Image) -> Image.Image:

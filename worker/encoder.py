@@ -42,8 +42,10 @@ from worker.preprocess import (
     PIL_TORCH,
     PROCESSOR,
     TORCH,
+    Picture,
     Preprocessing,
     as_array,
+    as_image,
     tensor_input,
 )
 
@@ -185,15 +187,14 @@ class ClipImageEncoder:
         embeds: torch.Tensor = self.model(pixel_values=pixel_values).image_embeds
         return embeds
 
-    def input_pixels(
-        self, images: Sequence[Image.Image], *, path: str | None = None
-    ) -> torch.Tensor:
-        """The model's input for RGB images, by ``path`` (the checked one by default)."""
+    def input_pixels(self, images: Sequence[Picture], *, path: str | None = None) -> torch.Tensor:
+        """The model's input for RGB images (or their pixels), by ``path`` (the checked one by
+        default)."""
         path = path or self.path
         if path == PROCESSOR or self.steps is None:
-            return self.pixels(images)
+            return self.pixels([as_image(image) for image in images])
         if path == PIL_TORCH:
-            arrays = [self.steps.prepare(image) for image in images]
+            arrays = [self.steps.prepare(as_image(image)) for image in images]
             return tensor_input(self.steps, arrays, device=self.device, on_device=False)
         arrays = [as_array(image) for image in images]
         return tensor_input(self.steps, arrays, device=self.device, on_device=True)
@@ -208,7 +209,7 @@ class ClipImageEncoder:
         pixels = tensor_input(self.steps, arrays, device=self.device, on_device=not prepared)
         return self.embed_pixels(pixels)
 
-    def embed(self, images: Sequence[Image.Image]) -> Embeddings:
+    def embed(self, images: Sequence[Picture]) -> Embeddings:
         return self.embed_pixels(self.input_pixels(images))
 
 

@@ -142,9 +142,18 @@ def _affine(
     return shift.view(1, 3, 1, 1), scale.view(1, 3, 1, 1)
 
 
-def as_array(image: Image.Image) -> npt.NDArray[np.uint8]:
+Picture = Image.Image | npt.NDArray[np.uint8]  # an RGB image, or its HxWx3 uint8 pixels
+
+
+def as_array(image: Picture) -> npt.NDArray[np.uint8]:
+    if isinstance(image, np.ndarray):
+        return image
     rgb = image if image.mode == "RGB" else image.convert("RGB")
     return np.asarray(rgb, dtype=np.uint8)
+
+
+def as_image(image: Picture) -> Image.Image:
+    return Image.fromarray(image) if isinstance(image, np.ndarray) else image
 
 
 def stack_by_size(

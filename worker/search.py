@@ -19,13 +19,14 @@ from dataclasses import dataclass, field
 from typing import Any
 
 import numpy as np
+import numpy.typing as npt
 import redis
 import torch
 from PIL import Image
 
 from shared.errors import ImageRejected, JobFailed
 from shared.galleries import encode_thumbnail
-from shared.images import encode_pixels, stored_image
+from shared.images import encode_pixels, stored_pixels
 from shared.jobs import JobRecord, JobStore, Started, now
 from shared.live import LiveStore
 from shared.logs import job_fields
@@ -67,7 +68,7 @@ PAIR_BLOCK = 1024  # rows compared at once by a duplicates job
 @dataclass
 class _Ready:
     job: JobRecord
-    image: Image.Image | None
+    image: npt.NDArray[np.uint8] | None  # HxWx3, read in place from the stored frame
     decode_ms: float
     began: float
     upload_size: int = 0
@@ -180,7 +181,7 @@ def _small_copy(item: _Ready) -> bytes | None:
     """What to keep of a large upload for the result picture: a copy of at most 256 px."""
     if item.image is None or item.upload_size <= KEEP_UPLOADS_UP_TO:
         return None
-    return encode_thumbnail(item.image, quick=True)
+    return encode_thumbnail(Image.fromarray(item.image), quick=True)
 
 
 def _started(store: JobStore, started: Started, context: Context) -> JobRecord | None:
@@ -202,7 +203,7 @@ def _started(store: JobStore, started: Started, context: Context) -> JobRecord |
 
 def _prepare(
     engine: Engine, job: JobRecord, data: bytes | None, *, max_pixels: int
-) -> Image.Image | None:
+) -> npt.NDArray[np.uint8] | None:
     """The job's image (a search by image, an add), or None (checked answerable here)."""
     if job.kind == JobKind.TEXT:
         if engine.text_encoder is None:
@@ -213,7 +214,7 @@ def _prepare(
     if data is None:
         raise JobFailed(UPLOAD_GONE, reason="upload_gone")
     try:
-        return stored_image(data, max_pixels=max_pixels)
+        return stored_pixels(data, max_pixels=max_pixels)
     except ImageRejected as error:
         raise JobFailed(str(error), reason="bad_image") from None
 
@@ -445,7 +446,7 @@ def _kept_image(item: _Ready) -> bytes:
     assert item.image is not None
     if item.upload_size <= KEEP_UPLOADS_UP_TO:
         return encode_pixels(item.image)
-    return encode_thumbnail(item.image)
+    return encode_thumbnail(Image.fromarray(item.image))
 
 
 def _succeeded(job_id: str, result: JobResult, stored: bool, context: Context) -> None:

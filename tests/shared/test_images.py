@@ -26,7 +26,9 @@ from shared.images import (
     decode_upload,
     encode_pixels,
     is_pixels,
+    pixels_array,
     stored_image,
+    stored_pixels,
     to_rgb,
     upload_pixels,
 )
@@ -444,6 +446,18 @@ def test_pixels_round_trip(size: tuple[int, int]) -> None:
     assert decode_pixels(data).tobytes() == image.tobytes()
 
 
+def test_pixels_are_read_in_place_as_an_array() -> None:
+    image = noise(30, 20)
+    data = encode_pixels(image)
+    array = pixels_array(data)
+    assert array.shape == (20, 30, 3) and array.dtype == np.uint8
+    assert np.array_equal(array, np.asarray(image))
+    assert not array.flags.owndata and not array.flags.writeable  # a view of ``data``
+    assert encode_pixels(array) == data
+    assert stored_pixels(data, max_pixels=MAX_PIXELS) is not None
+    assert np.array_equal(stored_pixels(encode(image, "PNG"), max_pixels=MAX_PIXELS), array)
+
+
 @pytest.mark.parametrize(
     "damage",
     [
@@ -458,6 +472,8 @@ def test_damaged_pixels_are_refused_without_decoding(damage: object) -> None:
     data = encode_pixels(noise(4, 4))
     with pytest.raises(ImageRejected):
         decode_pixels(damage(data))  # type: ignore[operator]
+    with pytest.raises(ImageRejected):
+        stored_pixels(damage(data), max_pixels=MAX_PIXELS)  # type: ignore[operator]
 
 
 def test_an_upload_keeps_the_centre_square_of_its_decoded_image() -> None:
