@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import copy
-import time
 import dataclasses
 import json
+import time
 from pathlib import Path
 
 import numpy as np
