@@ -28,12 +28,12 @@ from api.events import SHUTDOWN_S, JobEvents
 from api.fleet import Fleet
 from api.galleries import router as galleries_router
 from api.health import router as health_router
+from api.image_work import ImageWork
 from api.limits import BodySizeLimit
 from api.pages import router as pages_router
 from api.pictures import BAD_INDEX, BAD_SIZE
 from api.pictures import router as pictures_router
 from api.routes import router
-from api.submit import DECODE_SLOTS
 from api.thumbnails import GalleryImages
 from api.uploads import BAD_GALLERY, BAD_K, BAD_WAIT
 from shared.celery_config import make_celery, search_queues
@@ -65,6 +65,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
         )
         metrics.start()
         celery = make_celery(settings, name="lookalike-api")
+        image_work = ImageWork()
         app.state.lookalike = AppState(
             settings=settings,
             store=store,
@@ -74,12 +75,13 @@ def create_app(settings: Settings | None = None) -> FastAPI:
             gallery_images=GalleryImages(settings.gallery.index_dir),
             messages=TaskMessages(celery),
             backlog=Backlog(store, search_queues(settings), limit=settings.broker.max_queued),
-            decode_slots=asyncio.Semaphore(DECODE_SLOTS),
+            image_work=image_work,
             live=AsyncLiveStore(client, prefix=settings.storage.key_prefix),
         )
         try:
             yield
         finally:
+            image_work.close()
             celery.close()
             await events.stop()
             await asyncio.to_thread(metrics.stop)

@@ -10,7 +10,6 @@ rather than called, and a test can swap any of them with ``app.dependency_overri
 
 from __future__ import annotations
 
-import asyncio
 import hashlib
 import hmac
 from dataclasses import dataclass
@@ -22,6 +21,7 @@ from api.backlog import Backlog
 from api.enqueue import TaskMessages
 from api.events import JobEvents
 from api.fleet import Fleet
+from api.image_work import ImageWork
 from api.thumbnails import GalleryImages
 from shared.jobs import AsyncJobStore, JobRecord, is_job_id
 from shared.live import AsyncLiveStore
@@ -46,7 +46,7 @@ class AppState:
     messages: TaskMessages
     backlog: Backlog
     live: AsyncLiveStore
-    decode_slots: asyncio.Semaphore
+    image_work: ImageWork
 
 
 async def get_state(request: Request) -> AppState:
@@ -85,9 +85,9 @@ async def get_live(state: State) -> AsyncLiveStore:
     return state.live
 
 
-async def get_decode_slots(state: State) -> asyncio.Semaphore:
-    """Images decoded or drawn at once by this process (uploads, pictures): bounds memory."""
-    return state.decode_slots
+async def get_image_work(state: State) -> ImageWork:
+    """Where images are decoded and drawn (uploads, pictures), a few at a time."""
+    return state.image_work
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
@@ -97,7 +97,7 @@ FleetDep = Annotated[Fleet, Depends(get_fleet)]
 MetricsDep = Annotated[Metrics, Depends(get_metrics)]
 GalleryImagesDep = Annotated[GalleryImages, Depends(get_gallery_images)]
 LiveDep = Annotated[AsyncLiveStore, Depends(get_live)]
-DecodeSlots = Annotated[asyncio.Semaphore, Depends(get_decode_slots)]
+ImageWorkDep = Annotated[ImageWork, Depends(get_image_work)]
 
 
 # --- the caller ----------------------------------------------------------------------------

@@ -25,10 +25,10 @@ from api.deps import (
     JOB_NOT_FOUND,
     AppState,
     Caller,
-    DecodeSlots,
     EventsDep,
     FleetDep,
     GalleryImagesDep,
+    ImageWorkDep,
     LiveDep,
     SettingsDep,
     State,
@@ -404,7 +404,7 @@ async def item_image(
     name: str,
     item_id: ItemId,
     state: State,
-    slots: DecodeSlots,
+    work: ImageWorkDep,
     owner: Caller,
     size: Annotated[int | None, Query(ge=16, le=1024)] = None,
 ) -> Response:
@@ -426,8 +426,7 @@ async def item_image(
         fit(image, target).save(buffer, format="PNG")
         return buffer.getvalue()
 
-    async with slots:
-        png = await run_in_threadpool(render)
+    png = await work.run(render)
     return Response(png, media_type="image/png", headers={"Cache-Control": "private, max-age=60"})
 
 

@@ -11,14 +11,13 @@ import io
 from typing import Annotated
 
 from fastapi import APIRouter, HTTPException, Path, Query, Response
-from fastapi.concurrency import run_in_threadpool
 from PIL import Image
 
 from api.deps import (
     JOB_NOT_FOUND,
-    DecodeSlots,
     FleetDep,
     GalleryImagesDep,
+    ImageWorkDep,
     LiveDep,
     ReadableJob,
     SettingsDep,
@@ -83,7 +82,7 @@ async def gallery_image(
     settings: SettingsDep,
     fleet: FleetDep,
     images: GalleryImagesDep,
-    slots: DecodeSlots,
+    work: ImageWorkDep,
     gallery: Annotated[str | None, Query(description="The gallery (default: the server's)")] = None,
     size: Size = None,
 ) -> Response:
@@ -97,8 +96,7 @@ async def gallery_image(
         target = size or (224 if max(image.size) <= 64 else max(image.size))
         return _png(fit(image, target))
 
-    async with slots:
-        data = await run_in_threadpool(render)
+    data = await work.run(render)
     return Response(data, media_type="image/png", headers={"Cache-Control": CACHE})
 
 
@@ -114,7 +112,7 @@ async def job_grid(
     fleet: FleetDep,
     images: GalleryImagesDep,
     settings: SettingsDep,
-    slots: DecodeSlots,
+    work: ImageWorkDep,
     live: LiveDep,
 ) -> Response:
     if not job.kind.searches:
@@ -133,16 +131,15 @@ async def job_grid(
     stored = {item_id: await live.image(gallery, item_id) for item_id in wanted}
     if job.kind == JobKind.ITEM:
         upload = stored.get(job.item_id or "")
-    async with slots:  # drawn a few at a time, like uploads are decoded
-        data = await run_in_threadpool(
-            _grid,
-            job,
-            upload,
-            images,
-            stored,
-            advertised=advertised,
-            max_pixels=settings.storage.max_image_pixels,
-        )
+    data = await work.run(  # drawn a few at a time, like uploads are decoded
+        _grid,
+        job,
+        upload,
+        images,
+        stored,
+        advertised=advertised,
+        max_pixels=settings.storage.max_image_pixels,
+    )
     return Response(
         data, media_type="image/png", headers={"Cache-Control": "private, max-age=3600"}
     )

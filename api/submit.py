@@ -12,7 +12,6 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 
 from fastapi import HTTPException
-from fastapi.concurrency import run_in_threadpool
 
 from api.deps import AppState
 from api.fleet import FleetView
@@ -30,7 +29,6 @@ QUEUE_FULL = "Too many jobs are waiting; retry shortly."
 UNKNOWN_GALLERY = "Unknown gallery {name!r}: GET /galleries lists them."
 TEXT_OFF = "Text search is off on every worker (LOOKALIKE_TEXT_SEARCH=off)."
 NO_SUCH_ITEM = "Gallery {gallery!r} has no item {item!r}."
-DECODE_SLOTS = 4  # uploads decoded at once per API process: bounds memory under load
 
 
 @dataclass(frozen=True)
@@ -89,10 +87,9 @@ async def decode(
     ones); what is kept is what the model takes, so the worker decodes nothing."""
     if not files:
         return []
-    async with state.decode_slots:
-        return await run_in_threadpool(
-            _decode_images, list(files), settings=state.settings, spec=spec, numbered=numbered
-        )
+    return await state.image_work.run(
+        _decode_images, list(files), settings=state.settings, spec=spec, numbered=numbered
+    )
 
 
 def _decode_images(
