@@ -36,6 +36,7 @@ from api.pictures import router as pictures_router
 from api.routes import router
 from api.thumbnails import GalleryImages
 from api.uploads import BAD_GALLERY, BAD_K, BAD_WAIT
+from shared.allocator import keep_freed_memory
 from shared.celery_config import make_celery, search_queues
 from shared.jobs import AsyncJobStore
 from shared.live import AsyncLiveStore
@@ -50,6 +51,7 @@ RETRY_AFTER_S = "5"
 
 def create_app(settings: Settings | None = None) -> FastAPI:
     settings = settings or get_settings()
+    keep_freed_memory()  # each upload's buffers reuse the last one's memory
 
     @asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:

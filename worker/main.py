@@ -26,8 +26,11 @@ log = logging.getLogger("lookalike.worker")
 
 def run_worker(*, build_missing: bool, loglevel: str = "INFO", only_build: bool = False) -> int:
     import worker.celery_app as celery_app
+    from shared.allocator import keep_freed_memory
     from worker.engine import attach_live, get_engine
     from worker.heartbeat import Heartbeat, worker_name
+
+    keep_freed_memory()  # each batch's tensors reuse the last one's memory
 
     settings = celery_app.settings
     name = worker_name()
