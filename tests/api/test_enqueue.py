@@ -76,6 +76,7 @@ def test_submit_stores_each_job_its_pixels_and_its_message(
         assert stored[b"status"] == b"queued" and stored[b"k"] == b"5"
         assert 0 < redis_client.ttl(f"lookalike:job:{job.job_id}") <= 600
         assert redis_client.get(f"lookalike:upload:{job.job_id}") == job.upload
+        assert 0 < redis_client.ttl(f"lookalike:upload:{job.job_id}") <= 600
         assert redis_client.zscore("lookalike:pending", job.job_id) is not None
     queued = [json.loads(m)["headers"]["id"] for m in redis_client.lrange(QUEUE, 0, -1)]
     assert sorted(queued) == sorted(j.job_id for j in jobs)
@@ -91,3 +92,25 @@ def test_submit_past_the_cap_stores_nothing(
     assert redis_client.zcard("lookalike:pending") == 0
     assert not redis_client.exists(*(f"lookalike:job:{j.job_id}" for j in jobs))
     assert submit(redis_server, jobs[:1], max_waiting=3) is not None
+
+
+def test_submit_past_the_cap_leaves_no_pixels_behind(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    redis_client.rpush(QUEUE, b"a", b"b", b"c")
+    jobs = [NewJob(new_job_id(), k=5, gallery="g", upload=b"pixels") for _ in range(2)]
+    assert submit(redis_server, jobs, max_waiting=4) is None
+    assert not redis_client.exists(*(f"lookalike:upload:{j.job_id}" for j in jobs))
+    assert redis_client.llen(QUEUE) == 3
+
+
+def test_submit_after_redis_forgot_its_scripts_loads_them_and_stores_once(
+    redis_server: RedisServer, redis_client: redis.Redis
+) -> None:
+    submit(redis_server, [NewJob(new_job_id(), k=5, gallery="g", text="t")], max_waiting=10)
+    redis_client.script_flush()  # as after a restart
+    job = NewJob(new_job_id(), k=5, gallery="g", upload=b"pixels")
+    assert submit(redis_server, [job], max_waiting=10) is not None
+    assert redis_client.get(f"lookalike:upload:{job.job_id}") == b"pixels"
+    assert redis_client.hget(f"lookalike:job:{job.job_id}", "status") == b"queued"
+    assert redis_client.llen(QUEUE) == 2
