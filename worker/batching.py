@@ -11,8 +11,6 @@ What it adds:
   message that finds the queues empty (``queue_is_empty``) flushes the buffer at once: nothing
   more would join the batch. Under load the queues are not empty, and the timer gathers what
   arrives meanwhile, up to ``flush_every``.
-* **One round trip for a batch's acknowledgements**, where the transport offers it
-  (worker.transport).
 * **Reconnections.** When the connection to Redis drops, Celery restarts its consumer (and its
   timers) and rebuilds each task's strategy. celery-batches would keep a reference to its old
   flush timer, never start a new one, and sit on its buffer; here the rebuilt strategy forgets
@@ -50,20 +48,3 @@ class ReconnectingBatches(Batches):  # type: ignore[misc]
                 self._do_flush()
 
         return handle
-
-    def flush(self, requests: Any) -> Any:
-        """celery-batches' flush, the batch's acknowledgements sent to Redis together where
-        the transport can (worker.transport.QoS.acks_together): one round trip, not one per
-        job."""
-        together = next(
-            (
-                getattr(request.message.channel.qos, "acks_together", None)
-                for request in requests
-                if getattr(request, "message", None) is not None
-            ),
-            None,
-        )
-        if together is None:
-            return super().flush(requests)
-        with together():
-            return super().flush(requests)

@@ -11,7 +11,10 @@ batches stayed at 3 to 4 jobs of a possible 64 (docs/benchmarks.md). Here, for t
   in kombu's own format (so kombu's sweep still gives back the messages of a dead worker);
 * the script also says how many messages are left, so a batch knows at once whether anything
   else is waiting (:func:`more_waiting`) instead of asking Redis per message;
-* the acknowledgements of one batch go to Redis in one pipeline (:meth:`QoS.acks_together`).
+* the acknowledgements made in one turn of the worker's event loop (Celery makes a batch's
+  there, one by one, when the batch ends) go to Redis in one pipeline (:meth:`QoS.send_acks`),
+  and a Redis client is not built for each (kombu's acknowledgement made one, 10 % of a
+  worker's Python time).
 
 Other queues (distributed index builds, whose chunks are long and must spread over workers)
 take kombu's path unchanged, and so does a ``rediss://`` (TLS) broker, whose options kombu
@@ -28,6 +31,7 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
+from kombu.asynchronous import Hub, get_event_loop
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import loads
@@ -98,12 +102,13 @@ def more_waiting() -> bool | None:
 
 class QoS(kombu_redis.QoS):  # type: ignore[misc]
     """kombu's acknowledgement emulation, told which messages a take already recorded, and
-    able to send a batch's acknowledgements in one pipeline."""
+    sending the acknowledgements of a turn of the event loop together."""
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
         self.recorded: set[str] = set()
-        self._held_acks: list[str] | None = None
+        self._due: list[str] = []
+        self._hub: Hub | None = None
 
     def append(self, message: Any, delivery_tag: str) -> None:
         if delivery_tag in self.recorded:  # the take script wrote it with the pop
@@ -113,37 +118,40 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
             super().append(message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
-        if self._held_acks is None:
+        """At the end of this turn of the worker's event loop (at once without one)."""
+        hub = get_event_loop()
+        if hub is None:
             super().ack(delivery_tag)
-        else:
-            self._held_acks.append(delivery_tag)
-
-    @contextmanager
-    def acks_together(self) -> Iterator[None]:
-        """Acknowledgements made inside go to Redis in one pipeline on the way out. Should that
-        fail, the messages stay recorded as unacknowledged and come back after the visibility
-        timeout, to be skipped as already answered."""
-        if self._held_acks is not None:  # nested: the outer one sends them
-            yield
             return
-        held: list[str] = []
-        self._held_acks = held
+        if self._hub is not hub:
+            hub.on_tick.add(self.send_acks)  # after the turn's callbacks, before it polls
+            self._hub = hub
+        self._due.append(delivery_tag)
+
+    def send_acks(self) -> None:
+        """The acknowledgements due, in one pipeline. Should that fail, the messages stay
+        recorded as unacknowledged and come back after the visibility timeout, to be skipped
+        as already answered."""
+        if not self._due:
+            return
+        due, self._due = self._due, []
         try:
-            yield
-        finally:
-            self._held_acks = None
-            if held:
-                try:
-                    with self.channel.conn_or_acquire() as client, client.pipeline() as pipe:
-                        pipe.zrem(self.unacked_index_key, *held)
-                        pipe.hdel(self.unacked_key, *held)
-                        pipe.execute()
-                except self.channel.connection_errors as exc:
-                    log.warning(
-                        "%d acknowledgements not sent (%s): redelivered later", len(held), exc
-                    )
-                for tag in held:
-                    virtual.QoS.ack(self, tag)
+            with self.channel.conn_or_acquire() as client, client.pipeline() as pipe:
+                pipe.zrem(self.unacked_index_key, *due)
+                pipe.hdel(self.unacked_key, *due)
+                pipe.execute()
+        except self.channel.connection_errors as exc:
+            log.warning("%d acknowledgements not sent (%s): redelivered later", len(due), exc)
+        for tag in due:
+            virtual.QoS.ack(self, tag)
+
+    def restore_unacked_once(self, stderr: Any = None) -> Any:
+        """On the channel's close: what was answered is acknowledged, not given back."""
+        self.send_acks()
+        if self._hub is not None:
+            self._hub.on_tick.discard(self.send_acks)
+            self._hub = None
+        return super().restore_unacked_once(stderr)
 
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]

@@ -7,11 +7,13 @@ The test is a short version of the load test recorded in the README; the full on
 from __future__ import annotations
 
 import asyncio
+import time
 from collections import Counter
 from pathlib import Path
 
 import httpx
 import pytest
+import redis
 
 from api.submit import QUEUE_FULL
 from lookalike.bench.service import make_payloads, run_bench, summarise
@@ -92,11 +94,13 @@ def test_a_backlog_is_answered_in_full_batches(
     tmp_path: Path, tiny_clip_dir: Path, fake_data_dir: Path, built_index: Path
 ) -> None:
     """Jobs waiting when a worker comes are taken a batch at a time (worker.transport), not
-    one message per Redis round trip while the batch timer runs out."""
+    one message per Redis round trip while the batch timer runs out; and acknowledged a batch
+    at a time."""
     stack = make_stack(tmp_path, tiny_clip_dir, fake_data_dir)
     stack.env.update(LOOKALIKE_INDEX_DIR=str(built_index), LOOKALIKE_WORKER_BATCH="64")
     stack.start(workers=0)
     try:
+        broker = redis.Redis.from_url(stack.env["LOOKALIKE_REDIS_URL"])
         with httpx.Client(base_url=stack.url, timeout=30) as client:
             ids = []
             for i in range(150):
@@ -105,11 +109,17 @@ def test_a_backlog_is_answered_in_full_batches(
                 )
                 assert reply.status_code == 202, reply.text
                 ids.append(reply.json()["id"])
+            broker.config_resetstat()
             stack.start_worker()
             jobs = [wait_job(client, job_id, timeout=120) for job_id in ids]
+            time.sleep(0.5)  # the last acknowledgements
+            # HDEL: each job's end drops its stage (a script); acknowledgements, a batch's in one
+            hdels = broker.info("commandstats")["cmdstat_hdel"]["calls"]
+            assert broker.hlen("unacked") == 0
     finally:
         stack.stop()
     assert [job["status"] for job in jobs] == ["succeeded"] * 150
+    assert 150 < hdels <= 150 + 10, f"{hdels - 150} acknowledgement round trips for 3 batches"
     sizes = Counter(job["result"]["batch_size"] for job in jobs)  # type: ignore[index]
     print("\nbatch sizes of a 150-job backlog (size: jobs):", dict(sorted(sizes.items())))
     assert sizes == {64: 128, 22: 22}

@@ -12,6 +12,7 @@ from typing import Any
 import pytest
 import redis
 from kombu import Connection, Exchange, Queue
+from kombu.asynchronous import Hub, set_event_loop
 from kombu.utils.json import loads
 
 from lookalike.redis_server import RedisServer
@@ -112,8 +113,18 @@ def test_a_dead_workers_taken_jobs_come_back_through_kombus_own_sweep(
     assert sorted(m["body"] for m in back) == sorted(m._raw["body"] for m in received.messages)
 
 
-def test_a_batchs_acknowledgements_go_in_one_pipeline(
-    redis_server: RedisServer, redis_client: redis.Redis, consumer: Any
+@pytest.fixture
+def hub() -> Iterator[Hub]:
+    """An event loop, as a Celery worker runs its consumer in (kombu's Hub)."""
+    loop = Hub()
+    set_event_loop(loop)
+    yield loop
+    set_event_loop(None)
+    loop.close()
+
+
+def test_the_acknowledgements_of_a_turn_of_the_event_loop_go_in_one_pipeline(
+    redis_server: RedisServer, redis_client: redis.Redis, consumer: Any, hub: Hub
 ) -> None:
     publish(redis_server.url, JOBS, list(range(20)))
     connection, kombu_consumer, received = consumer
@@ -128,17 +139,33 @@ def test_a_batchs_acknowledgements_go_in_one_pipeline(
 
     redis.Redis.pipeline = counted  # type: ignore[method-assign]
     try:
-        with qos.acks_together():
-            for message in received.messages:
-                message.ack()
-            assert len(unacked(redis_client)) == 20  # held until the batch is done
+        for message in received.messages:  # as Celery does, a callback each, in one turn
+            hub.call_soon(message.ack)
+        hub.run_once()  # the callbacks, then the ticks, then a poll
+        assert len(pipelines) == 1
+        assert unacked(redis_client) == {}
     finally:
         redis.Redis.pipeline = real_pipeline  # type: ignore[method-assign]
 
-    assert len(pipelines) == 1
-    assert unacked(redis_client) == {}
     assert redis_client.zcard("unacked_index") == 0
     assert qos.can_consume_max_estimate() == 64  # the prefetch room is free again
+
+
+def test_acknowledgements_due_when_the_channel_closes_are_sent_not_given_back(
+    redis_server: RedisServer, redis_client: redis.Redis, consumer: Any, hub: Hub
+) -> None:
+    publish(redis_server.url, JOBS, ["a", "b", "c"])
+    connection, kombu_consumer, received = consumer
+    connection.drain_events(timeout=5)
+    for message in received.messages[:2]:
+        message.ack()  # due at the next tick, which never comes
+
+    kombu_consumer.channel.close()
+
+    assert unacked(redis_client) == {}
+    back = [loads(item) for item in redis_client.lrange(JOBS, 0, -1)]
+    assert [m["body"] for m in back] == [received.messages[2]._raw["body"]]  # the third, back
+    assert kombu_consumer.channel.qos.send_acks not in hub.on_tick
 
 
 def test_acknowledgements_outside_a_batch_go_at_once(
