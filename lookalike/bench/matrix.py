@@ -11,7 +11,9 @@ Each configuration starts its own Redis, N ``lookalike worker`` processes and ``
 runs the bench, prints a markdown row and stops everything. The model is a randomly initialised
 CLIP of ViT-B/32's exact shape, saved with ``save_pretrained`` in ``$BENCH_HOME/clip-b32`` and
 loaded from there like any local checkpoint (its matches mean nothing; its compute and its
-loading are the real model's). An index is built first if missing.
+loading are the real model's). An index is built first if missing. ``BENCH_SUBMIT_WAIT=0``
+has the bench submit each job, then long-poll it (two requests a job, as before
+``POST /jobs?wait``), for figures comparable with earlier ones.
 """
 
 from __future__ import annotations
@@ -78,8 +80,10 @@ def bench(
     stack: Stack, *, requests: int, concurrency: int, out: Path, warmup: int = 5
 ) -> dict[str, Any]:
     """``lookalike bench`` against the stack's API; its JSON figures."""
+    submit_wait = os.environ.get("BENCH_SUBMIT_WAIT")
     stack.run_cli(
         "bench",
+        *(("--submit-wait", submit_wait) if submit_wait else ()),
         "--url",
         stack.url,
         "--requests",
