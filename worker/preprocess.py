@@ -121,11 +121,19 @@ _MODES = {int(Image.Resampling.BILINEAR): "bilinear", int(Image.Resampling.BICUB
 
 def _resize(batch: torch.Tensor, size: tuple[int, int], *, mode: str) -> torch.Tensor:
     """Pillow's antialiased resize of N x 3 x H x W uint8, as uint8: on a CPU by torch's uint8
-    kernel (Pillow's arithmetic), elsewhere in float32, rounded and clamped."""
-    interpolate = torch.nn.functional.interpolate
+    kernel (Pillow's arithmetic), elsewhere (a GPU) in float32."""
     if batch.device.type == "cpu":
-        return interpolate(batch, size=size, mode=mode, antialias=True, align_corners=False)
-    x = interpolate(batch.float(), size=size, mode=mode, antialias=True, align_corners=False)
+        return torch.nn.functional.interpolate(
+            batch, size=size, mode=mode, antialias=True, align_corners=False
+        )
+    return _resize_float(batch, size, mode=mode)
+
+
+def _resize_float(batch: torch.Tensor, size: tuple[int, int], *, mode: str) -> torch.Tensor:
+    """The same in float32, rounded and clamped back to uint8: what a GPU runs."""
+    x = torch.nn.functional.interpolate(
+        batch.float(), size=size, mode=mode, antialias=True, align_corners=False
+    )
     return x.clamp_(0, 255).round_().to(torch.uint8)
 
 

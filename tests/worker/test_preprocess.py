@@ -18,7 +18,14 @@ from worker.encoder import (
     choose_preprocessing,
     load_encoder,
 )
-from worker.preprocess import PIL_TORCH, PROCESSOR, TORCH, Preprocessing, tensor_input
+from worker.preprocess import (
+    PIL_TORCH,
+    PROCESSOR,
+    TORCH,
+    Preprocessing,
+    _resize_float,
+    tensor_input,
+)
 
 SIZES = [(28, 28), (224, 224), (225, 224), (320, 240), (240, 320), (1000, 223), (3, 5), (641, 479)]
 
@@ -100,6 +107,19 @@ def test_torch_resizes_on_a_cpu_as_pillow_does_to_a_grey_level_or_two(
     assert ours.shape == pillow.shape
     assert np.abs(ours - pillow).max() <= 2
     assert np.abs(ours - pillow).mean() < 0.01
+
+
+@pytest.mark.parametrize("size", [(28, 28), (320, 240), (400, 300), (1000, 223)])
+def test_the_gpus_float_resize_is_pillows_to_a_grey_level_or_two(size: tuple[int, int]) -> None:
+    """The path a GPU takes, run here on the CPU's tensors."""
+    image = picture(*size, seed=7)
+    batch = torch.from_numpy(np.asarray(image).copy()).permute(2, 0, 1)[None]
+    target = (224, 298) if size == (400, 300) else (224, 224 * size[0] // size[1])
+    ours = _resize_float(batch, target, mode="bicubic")[0].permute(1, 2, 0).numpy().astype(int)
+    pillow = np.asarray(image.resize(target[::-1], Image.Resampling.BICUBIC)).astype(int)
+    assert ours.dtype == pillow.dtype and ours.shape == pillow.shape
+    assert np.abs(ours - pillow).max() <= 2
+    assert np.abs(ours - pillow).mean() < 0.5
 
 
 def test_torch_pixels_are_close_and_embeddings_agree(b32: ClipImageEncoder) -> None:
