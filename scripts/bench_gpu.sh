@@ -15,7 +15,9 @@
 #    `lookalike bench --processes N` at concurrency 256, with each part's CPU per job; then a
 #    shorter run of the first cluster under py-spy (profiles in $OUT), where py-spy travelled.
 # Variables: SIZE (10000), N1 (300), N64 (4000), NC (30000), CLUSTERS ("6:4:3 8:6:4": API
-# processes:worker processes:bench processes for each), WORKER_BATCH (64), MODEL (random:vit-b-32), SKIP_MODEL, SKIP_BUILD70K, SKIP_INSTALL.
+# processes:worker processes:bench processes for each), WORKER_BATCH (64), MODEL (random:vit-b-32),
+# SUBMIT_WAIT (30: one request a job, POST /jobs?wait; 0: submit, then long-poll, as runs before
+# 2026-11-28), SKIP_MODEL, SKIP_BUILD70K, SKIP_INSTALL.
 # Writes its log and JSON figures to $OUT (default /tmp/out).
 set -u
 G=$PWD/.gpu
@@ -81,8 +83,8 @@ with httpx.Client(base_url=url, timeout=30) as client:
         ok += top["item_id"] == str(index) and top["score"] >= 0.99
 print(f"gallery PNGs finding themselves at rank 1 with score >= 0.99: {ok}/{n}, lowest rank-1 score {worst:.5f}")
 PY
-  timeout 60 lookalike bench --url http://127.0.0.1:8000 --requests "$N1" --concurrency 1 --json "$OUT/c1.json" | tail -12
-  timeout 60 lookalike bench --url http://127.0.0.1:8000 --requests "$N64" --concurrency 64 --json "$OUT/c64.json" | tail -12
+  timeout 60 lookalike bench --submit-wait "${SUBMIT_WAIT:-30}" --url http://127.0.0.1:8000 --requests "$N1" --concurrency 1 --json "$OUT/c1.json" | tail -12
+  timeout 60 lookalike bench --submit-wait "${SUBMIT_WAIT:-30}" --url http://127.0.0.1:8000 --requests "$N64" --concurrency 64 --json "$OUT/c64.json" | tail -12
 fi
 kill -TERM -- -$SP 2>/dev/null; sleep 3; kill -KILL -- -$SP 2>/dev/null
 
@@ -130,7 +132,7 @@ for shape in ${CLUSTERS:-6:4:3 8:6:4}; do  # API processes : worker processes : 
   WP=$!
   if ready http://127.0.0.1:8001 "$workers" 120 $WP; then
     before=$(cpu_snapshot)
-    ( TIMEFORMAT="%U %S"; time timeout 90 lookalike bench --url http://127.0.0.1:8001 --requests "$NC" \
+    ( TIMEFORMAT="%U %S"; time timeout 90 lookalike bench --submit-wait "${SUBMIT_WAIT:-30}" --url http://127.0.0.1:8001 --requests "$NC" \
       --concurrency 256 --processes "$clients" --json "$OUT/cluster$db.json" > "$LOGS/bench$db.txt" 2>&1 ) \
       2> "$LOGS/bench$db.cpu" &
     BP=$!
@@ -148,7 +150,7 @@ for shape in ${CLUSTERS:-6:4:3 8:6:4}; do  # API processes : worker processes : 
         SPIES+=($!)
       done
       sleep 1
-      timeout 40 lookalike bench --url http://127.0.0.1:8001 --requests $((NC / 3)) \
+      timeout 40 lookalike bench --submit-wait "${SUBMIT_WAIT:-30}" --url http://127.0.0.1:8001 --requests $((NC / 3)) \
         --concurrency 256 --processes "$clients" > "$LOGS/bench-profiled.txt" 2>&1
       wait "${SPIES[@]}"; tail -n 2 "$LOGS"/py-spy-*.log; grep "jobs/s\|batch" "$LOGS/bench-profiled.txt" | head -3
     fi
