@@ -12,9 +12,10 @@ batches stayed at 3 to 4 jobs of a possible 64 (docs/benchmarks.md). Here, for t
 * the script also says how many messages are left, so a batch knows at once whether anything
   else is waiting (:func:`more_waiting`) instead of asking Redis per message;
 * the acknowledgements made in one turn of the worker's event loop (Celery makes a batch's
-  there, one by one, when the batch ends) go to Redis in one pipeline (:meth:`QoS.send_acks`),
-  and a Redis client is not built for each (kombu's acknowledgement made one, 10 % of a
-  worker's Python time).
+  there, one by one, when the batch ends) go to Redis in one pipeline as the next poll starts,
+  before it decides whether there is room for more messages (:meth:`QoS.send_acks`); and a
+  Redis client is not built for each (kombu's acknowledgement built one: 10 % of a worker's
+  Python time).
 
 Other queues (distributed index builds, whose chunks are long and must spread over workers)
 take kombu's path unchanged, and so does a ``rediss://`` (TLS) broker, whose options kombu
@@ -31,7 +32,6 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
 
-from kombu.asynchronous import Hub, get_event_loop
 from kombu.transport import redis as kombu_redis
 from kombu.transport import virtual
 from kombu.utils.json import loads
@@ -108,7 +108,6 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
         super().__init__(*args, **kwargs)
         self.recorded: set[str] = set()
         self._due: list[str] = []
-        self._hub: Hub | None = None
 
     def append(self, message: Any, delivery_tag: str) -> None:
         if delivery_tag in self.recorded:  # the take script wrote it with the pop
@@ -118,15 +117,11 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
             super().append(message, delivery_tag)
 
     def ack(self, delivery_tag: str) -> None:
-        """At the end of this turn of the worker's event loop (at once without one)."""
-        hub = get_event_loop()
-        if hub is None:
+        """As the next poll starts (:class:`Poller`), or at once outside an event loop."""
+        if self.channel.connection.cycle.in_loop:
+            self._due.append(delivery_tag)
+        else:
             super().ack(delivery_tag)
-            return
-        if self._hub is not hub:
-            hub.on_tick.add(self.send_acks)  # after the turn's callbacks, before it polls
-            self._hub = hub
-        self._due.append(delivery_tag)
 
     def send_acks(self) -> None:
         """The acknowledgements due, in one pipeline. Should that fail, the messages stay
@@ -148,10 +143,22 @@ class QoS(kombu_redis.QoS):  # type: ignore[misc]
     def restore_unacked_once(self, stderr: Any = None) -> Any:
         """On the channel's close: what was answered is acknowledged, not given back."""
         self.send_acks()
-        if self._hub is not None:
-            self._hub.on_tick.discard(self.send_acks)
-            self._hub = None
         return super().restore_unacked_once(stderr)
+
+
+class Poller(kombu_redis.MultiChannelPoller):  # type: ignore[misc]
+    """kombu's poller of the channels, which sends their due acknowledgements as a poll
+    starts: in the same turn of the event loop as they were made, and before it checks
+    whether a channel has room for more messages (else it would wait a turn, up to a second,
+    for a BRPOP it could have sent)."""
+
+    #: True once the transport polls from an event loop (a worker's hub)
+    in_loop = False
+
+    def on_poll_start(self) -> None:
+        for channel in self._channels:
+            channel.qos.send_acks()
+        super().on_poll_start()
 
 
 class Channel(kombu_redis.Channel):  # type: ignore[misc]
@@ -234,7 +241,12 @@ class Transport(kombu_redis.Transport):  # type: ignore[misc]
 
     def __init__(self, *args: Any, **kwargs: Any) -> None:
         super().__init__(*args, **kwargs)
+        self.cycle = Poller()
         self._held: list[tuple[Any, str]] | None = None
+
+    def register_with_event_loop(self, connection: Any, loop: Any) -> None:
+        super().register_with_event_loop(connection, loop)
+        self.cycle.in_loop = True
 
     @contextmanager
     def holding(self) -> Iterator[list[tuple[Any, str]]]:

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 import redis
 from kombu import Connection, Exchange, Queue
-from kombu.asynchronous import Hub, set_event_loop
+from kombu.asynchronous import Hub
 from kombu.utils.json import loads
 
 from lookalike.redis_server import RedisServer
@@ -113,22 +113,14 @@ def test_a_dead_workers_taken_jobs_come_back_through_kombus_own_sweep(
     assert sorted(m["body"] for m in back) == sorted(m._raw["body"] for m in received.messages)
 
 
-@pytest.fixture
-def hub() -> Iterator[Hub]:
-    """An event loop, as a Celery worker runs its consumer in (kombu's Hub)."""
-    loop = Hub()
-    set_event_loop(loop)
-    yield loop
-    set_event_loop(None)
-    loop.close()
-
-
 def test_the_acknowledgements_of_a_turn_of_the_event_loop_go_in_one_pipeline(
-    redis_server: RedisServer, redis_client: redis.Redis, consumer: Any, hub: Hub
+    redis_server: RedisServer, redis_client: redis.Redis, consumer: Any
 ) -> None:
     publish(redis_server.url, JOBS, list(range(20)))
     connection, kombu_consumer, received = consumer
     connection.drain_events(timeout=5)
+    hub = Hub()  # as a Celery worker polls: from its event loop
+    connection.transport.register_with_event_loop(connection.connection, hub)
     qos: QoS = kombu_consumer.channel.qos
     pipelines = []
     real_pipeline = redis.Redis.pipeline
@@ -139,33 +131,38 @@ def test_the_acknowledgements_of_a_turn_of_the_event_loop_go_in_one_pipeline(
 
     redis.Redis.pipeline = counted  # type: ignore[method-assign]
     try:
-        for message in received.messages:  # as Celery does, a callback each, in one turn
-            hub.call_soon(message.ack)
-        hub.run_once()  # the callbacks, then the ticks, then a poll
+        for message in received.messages:  # as Celery does when a batch ends
+            message.ack()
+        assert len(unacked(redis_client)) == 20 and pipelines == []  # due, not sent
+        for tick in list(hub.on_tick):  # the next turn: the poll starts
+            tick()
         assert len(pipelines) == 1
-        assert unacked(redis_client) == {}
     finally:
         redis.Redis.pipeline = real_pipeline  # type: ignore[method-assign]
+        hub.close()
 
+    assert unacked(redis_client) == {}
     assert redis_client.zcard("unacked_index") == 0
     assert qos.can_consume_max_estimate() == 64  # the prefetch room is free again
 
 
 def test_acknowledgements_due_when_the_channel_closes_are_sent_not_given_back(
-    redis_server: RedisServer, redis_client: redis.Redis, consumer: Any, hub: Hub
+    redis_server: RedisServer, redis_client: redis.Redis, consumer: Any
 ) -> None:
     publish(redis_server.url, JOBS, ["a", "b", "c"])
     connection, kombu_consumer, received = consumer
     connection.drain_events(timeout=5)
+    hub = Hub()
+    connection.transport.register_with_event_loop(connection.connection, hub)
     for message in received.messages[:2]:
-        message.ack()  # due at the next tick, which never comes
+        message.ack()  # due at the next poll, which never comes
 
     kombu_consumer.channel.close()
+    hub.close()
 
     assert unacked(redis_client) == {}
     back = [loads(item) for item in redis_client.lrange(JOBS, 0, -1)]
     assert [m["body"] for m in back] == [received.messages[2]._raw["body"]]  # the third, back
-    assert kombu_consumer.channel.qos.send_acks not in hub.on_tick
 
 
 def test_acknowledgements_outside_a_batch_go_at_once(
