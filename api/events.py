@@ -102,6 +102,17 @@ class Waiter:
         self.seen = self.watch.version
         return True
 
+    async def until_end(self, deadline: float) -> Watch:
+        """The watch once its job has ended, is gone, or ``deadline`` (monotonic) has passed."""
+        while True:
+            watch = self.watch
+            if watch.gone or (watch.job is not None and watch.job.status.is_final):
+                return watch
+            remaining = deadline - time.monotonic()
+            if remaining <= 0:
+                return watch
+            await self.next(remaining)
+
 
 class JobEvents:
     def __init__(self, store: AsyncJobStore) -> None:

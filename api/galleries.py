@@ -22,8 +22,6 @@ from fastapi.concurrency import run_in_threadpool
 from starlette.requests import ClientDisconnect
 
 from api.deps import (
-    JOB_NOT_FOUND,
-    AppState,
     Caller,
     EventsDep,
     FleetDep,
@@ -33,7 +31,6 @@ from api.deps import (
     SettingsDep,
     State,
 )
-from api.events import JobEvents
 from api.grid import fit
 from api.limits import TOO_LARGE, human_size
 from api.multipart import read_multipart
@@ -43,7 +40,7 @@ from api.uploads import DISCONNECTED, MALFORMED
 from shared import items
 from shared.errors import FieldRefused, FileTooLarge, ImageRejected, MultipartRefused
 from shared.images import stored_image
-from shared.jobs import JobRecord, NewJob, new_job_id
+from shared.jobs import NewJob, new_job_id
 from shared.live import StoredItem
 from shared.schemas import (
     Galleries,
@@ -464,8 +461,12 @@ async def duplicates(
         kind=JobKind.DUPLICATES,
         options={"min_score": min_score},
     )
-    (record,) = await submit(state, [job], kind=JobKind.DUPLICATES)
-    ended = await _wait(state, events, record, min(wait, state.settings.api.max_wait_s))
+    deadline = time.monotonic() + min(wait, state.settings.api.max_wait_s)
+    with events.watch(job.job_id) as waiter:  # before the job exists: its end cannot be missed
+        (record,) = await submit(state, [job], kind=JobKind.DUPLICATES)
+        waiter.seed(record)
+        watch = await waiter.until_end(deadline)
+    ended = watch.job if watch.job is not None and watch.job.status.is_final else None
     if ended is not None and ended.result is not None and ended.result.duplicates is not None:
         return Response(ended.result.duplicates.model_dump_json(), media_type=JSON)
     if ended is not None and ended.error:
@@ -476,23 +477,3 @@ async def duplicates(
         media_type=JSON,
         headers={"Location": f"/jobs/{record.id}"},
     )
-
-
-async def _wait(
-    state: AppState, events: JobEvents, record: JobRecord, seconds: float
-) -> JobRecord | None:
-    """The job once it ended, if it does within ``seconds``; None otherwise."""
-    deadline = time.monotonic() + seconds
-    with events.watch(record.id) as waiter:
-        found = await state.store.get(record.id)
-        if found is None:
-            raise HTTPException(404, JOB_NOT_FOUND)
-        waiter.seed(found)
-        while True:
-            job: JobRecord | None = waiter.watch.job
-            if job is not None and job.status.is_final:
-                return job
-            remaining = deadline - time.monotonic()
-            if remaining <= 0:
-                return None
-            await waiter.next(remaining)

@@ -22,7 +22,7 @@ from api.deps import (
     StoreDep,
     read_owned_job,
 )
-from api.events import Waiter, Watch
+from api.events import Waiter
 from api.schemas import BatchAccepted, problem_responses
 from api.submit import check_item, decode, refuse_if_full, submit, target
 from api.uploads import (
@@ -109,7 +109,7 @@ async def create_job(
     with events.watch(job_id) as waiter:  # before the job exists: its end cannot be missed
         (job,) = await _accept(state, submission, max_files=1, owner=owner, job_ids=[job_id])
         waiter.seed(job)
-        watch = await _until_ended(waiter, deadline)
+        watch = await waiter.until_end(deadline)
         if watch.job is not None and watch.job.status.is_final:
             return Response(watch.payload, media_type=JSON, headers=_location(job))
     return _accepted(job)
@@ -121,18 +121,6 @@ def _location(job: JobRecord) -> dict[str, str]:
 
 def _accepted(job: JobRecord) -> Response:
     return Response(job.public_json(), status_code=202, media_type=JSON, headers=_location(job))
-
-
-async def _until_ended(waiter: Waiter, deadline: float) -> Watch:
-    """The watch once its job has ended, is gone, or ``deadline`` (monotonic) has passed."""
-    while True:
-        watch = waiter.watch
-        if watch.gone or (watch.job is not None and watch.job.status.is_final):
-            return watch
-        remaining = deadline - time.monotonic()
-        if remaining <= 0:
-            return watch
-        await waiter.next(remaining)
 
 
 @router.post(
@@ -227,7 +215,7 @@ async def read_job(
     deadline = time.monotonic() + min(wait, settings.api.max_wait_s)
     with events.watch(job_id) as waiter:  # shared with every other waiter of this job
         waiter.seed(await read_owned_job(store, job_id, owner))
-        watch = await _until_ended(waiter, deadline)
+        watch = await waiter.until_end(deadline)
         if watch.gone:
             raise HTTPException(404, JOB_NOT_FOUND)
         return Response(watch.payload, media_type=JSON)
