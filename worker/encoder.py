@@ -371,19 +371,28 @@ def _extremes(encoder: ClipImageEncoder) -> torch.Tensor:
     return encoder.input_pixels(images)
 
 
-def _worst_cosine(
+def _trial(
     encoder: ClipImageEncoder,
     model: torch.nn.Module,
     dtype: torch.dtype,
+    *,
+    max_forward: int | None = None,
+) -> ClipImageEncoder:
+    """``encoder`` with another model, for the start checks before it replaces fp32."""
+    return dataclasses.replace(
+        encoder, model=model, dtype=dtype, max_forward=max_forward, notes=[], graphed=None
+    )
+
+
+def _worst_cosine(
+    encoder: ClipImageEncoder,
+    trial: ClipImageEncoder,
     pixels: torch.Tensor,
     reference: Embeddings,
 ) -> float:
-    """The worst cosine with fp32 of the probes embedded together, one by one, and each in a
-    pass with strangers (a path that scaled activations per pass would make an image's
-    embedding depend on what else is in its batch: a search must not)."""
-    trial = dataclasses.replace(
-        encoder, model=model, dtype=dtype, max_forward=None, notes=[], graphed=None
-    )
+    """The worst cosine with fp32 of the probes embedded by ``trial`` together (in one pass),
+    one by one, and each in a pass with strangers (a path that scaled activations per pass
+    would make an image's embedding depend on what else is in its batch: a search must not)."""
     batched = trial.embed_pixels(pixels)
     alone = np.concatenate([trial.embed_pixels(pixels[i : i + 1]) for i in range(len(pixels))])
     strangers = _extremes(encoder).to(pixels.device, pixels.dtype)
@@ -398,24 +407,9 @@ def _worst_cosine(
     )
 
 
-def _gain(
-    encoder: ClipImageEncoder,
-    model: torch.nn.Module,
-    dtype: torch.dtype,
-    pixels: torch.Tensor,
-    *,
-    max_forward: int | None,
-) -> float:
-    """How many times faster ``model`` embeds the probes than fp32 (best of three passes each,
-    alternating, after the checks' passes warmed both up)."""
-    trial = dataclasses.replace(
-        encoder,
-        model=model,
-        dtype=dtype,
-        max_forward=max_forward,
-        notes=[],
-        graphed=None,
-    )
+def _gain(encoder: ClipImageEncoder, trial: ClipImageEncoder, pixels: torch.Tensor) -> float:
+    """How many times faster ``trial`` embeds the probes than fp32 ``encoder`` (best of three
+    passes each, alternating, after the checks' passes warmed both up)."""
     times: dict[int, list[float]] = {0: [], 1: []}
     for _ in range(3):
         for side, candidate in enumerate((encoder, trial)):
@@ -452,19 +446,19 @@ def choose_cpu_paths(encoder: ClipImageEncoder, pixels: torch.Tensor, *, mode: s
             if name == "int8"
             else (_bf16(fp32), torch.bfloat16)
         )
-        worst = _worst_cosine(encoder, model, dtype, pixels, reference)
+        passes = INT8_FORWARD if name == "int8" else None
+        worst = _worst_cosine(encoder, _trial(encoder, model, dtype), pixels, reference)
         kept = worst >= FAST_MIN_COSINE
         why = f"min cosine {worst:.4f} vs fp32 on {len(pixels)} probes"
         if kept and mode == "auto":
-            passes = INT8_FORWARD if name == "int8" else None
-            gain = _gain(encoder, model, dtype, pixels, max_forward=passes)
+            gain = _gain(encoder, _trial(encoder, model, dtype, max_forward=passes), pixels)
             kept = gain >= MIN_FAST_GAIN
             why += f", x{gain:.2f} as fast"
         encoder.notes.append(f"{name} {'kept' if kept else 'refused'}: {why}")
         if kept:
             encoder.model, encoder.dtype = model, dtype
             encoder.precision = "int8-dynamic" if name == "int8" else "bf16"
-            encoder.max_forward = INT8_FORWARD if name == "int8" else None
+            encoder.max_forward = passes
             break
     for note in encoder.notes:
         log.info(note)
