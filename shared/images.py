@@ -182,11 +182,11 @@ def encode_pixels(image: Image.Image | npt.NDArray[np.uint8]) -> bytes:
     """An RGB image (or HxWx3 uint8 pixels) as raw pixels in a small frame: what a job keeps
     of its upload."""
     if isinstance(image, np.ndarray):
-        height, width = int(image.shape[0]), int(image.shape[1])
-        return _PIXELS_HEADER.pack(PIXELS_MAGIC, 1, width, height) + image.tobytes()
-    rgb = image if image.mode == "RGB" else image.convert("RGB")
-    width, height = rgb.size
-    return _PIXELS_HEADER.pack(PIXELS_MAGIC, 1, width, height) + rgb.tobytes()
+        (height, width), body = image.shape[:2], image.tobytes()
+    else:
+        rgb = image if image.mode == "RGB" else image.convert("RGB")
+        (width, height), body = rgb.size, rgb.tobytes()
+    return _PIXELS_HEADER.pack(PIXELS_MAGIC, 1, width, height) + body
 
 
 def is_pixels(data: bytes) -> bool:
