@@ -16,7 +16,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from api.events import RECHECK_S
-from shared.jobs import JobRecord, JobStore
+from shared.jobs import JobRecord, JobStore, new_job_id
 
 
 def listening(make_client: Callable[..., TestClient], redis_client: redis.Redis) -> TestClient:
@@ -119,25 +119,40 @@ def _count_reads(client: TestClient) -> list[str]:
     return reads
 
 
-def _start_then_end(sync_store: JobStore, job_id: str) -> None:
-    time.sleep(0.3)  # the request watches the job
-    sync_store.start(job_id, worker="test")  # published: running
-    time.sleep(0.3)
-    sync_store.fail(job_id, "ended by the test")  # published: failed
+def _reads_while_it_starts_and_ends(
+    redis_client: redis.Redis,
+    make_client: Callable[..., TestClient],
+    request: Callable[[TestClient, str], Any],
+) -> tuple[Any, list[str]]:
+    """``request(client, job_id)``'s answer while a "worker" starts the job, then fails it;
+    and the app's reads of the job meanwhile."""
+    client = listening(make_client, redis_client)
+    sync_store = JobStore(redis_client, prefix="lookalike", ttl_s=600)
+    job_id = new_job_id()
+    sync_store.create(job_id, upload=b"never enqueued", k=5)
+    reads = _count_reads(client)
+
+    def start_then_end() -> None:
+        time.sleep(0.3)  # the request watches the job
+        sync_store.start(job_id, worker="test")  # published: running
+        time.sleep(0.3)
+        sync_store.fail(job_id, "ended by the test")  # published: failed
+
+    worker = threading.Thread(target=start_then_end)
+    worker.start()
+    answer = request(client, job_id)
+    worker.join()
+    return answer, reads
 
 
 def test_a_long_poll_reads_the_job_when_it_ends_not_when_it_starts(
     redis_client: redis.Redis, make_client: Callable[..., TestClient]
 ) -> None:
-    client = listening(make_client, redis_client)
-    sync_store = JobStore(redis_client, prefix="lookalike", ttl_s=600)
-    job_id = "d" * 32
-    sync_store.create(job_id, upload=b"never enqueued", k=5)
-    reads = _count_reads(client)
-    worker = threading.Thread(target=_start_then_end, args=(sync_store, job_id))
-    worker.start()
-    reply: Any = client.get(f"/jobs/{job_id}", params={"wait": "5"})
-    worker.join()
+    reply, reads = _reads_while_it_starts_and_ends(
+        redis_client,
+        make_client,
+        lambda client, job_id: client.get(f"/jobs/{job_id}", params={"wait": "5"}),
+    )
 
     assert reply.json()["status"] == "failed"
     assert len(reads) == 2  # the request's own read, then the hub's at the end
@@ -146,16 +161,11 @@ def test_a_long_poll_reads_the_job_when_it_ends_not_when_it_starts(
 def test_a_stream_reads_the_job_when_it_starts_and_when_it_ends(
     redis_client: redis.Redis, make_client: Callable[..., TestClient]
 ) -> None:
-    client = listening(make_client, redis_client)
-    sync_store = JobStore(redis_client, prefix="lookalike", ttl_s=600)
-    job_id = "e" * 32
-    sync_store.create(job_id, upload=b"never enqueued", k=5)
-    reads = _count_reads(client)
-    worker = threading.Thread(target=_start_then_end, args=(sync_store, job_id))
-    worker.start()
-    with client.stream("GET", f"/jobs/{job_id}/events") as reply:
-        events = [line for line in reply.iter_lines() if line.startswith("data: ")]
-    worker.join()
+    def stream(client: TestClient, job_id: str) -> list[str]:
+        with client.stream("GET", f"/jobs/{job_id}/events") as reply:
+            return [line for line in reply.iter_lines() if line.startswith("data: ")]
+
+    events, reads = _reads_while_it_starts_and_ends(redis_client, make_client, stream)
 
     statuses = [line.split('"status":"')[1].split('"')[0] for line in events]
     assert statuses == ["queued", "running", "failed"]
