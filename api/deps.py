@@ -143,7 +143,20 @@ async def read_owned_job(store: AsyncJobStore, job_id: str, owner: str | None) -
     good as absent). For routes that validate other parameters first."""
     if not is_job_id(job_id):
         raise HTTPException(404, JOB_NOT_FOUND)
-    job = await store.get(job_id)
+    return _owned(await store.get(job_id), owner)
+
+
+async def watch_owned_job(
+    events: JobEvents, job_id: str, owner: str | None, *, every_change: bool = False
+) -> JobRecord:
+    """:func:`read_owned_job`, read so that its end (``every_change``: each change) is pushed
+    to this process's event hub (api.events.JobEvents.read)."""
+    if not is_job_id(job_id):
+        raise HTTPException(404, JOB_NOT_FOUND)
+    return _owned(await events.read(job_id, every_change=every_change), owner)
+
+
+def _owned(job: JobRecord | None, owner: str | None) -> JobRecord:
     if job is None or job.owner != owner:
         raise HTTPException(404, JOB_NOT_FOUND)
     return job

@@ -1,17 +1,18 @@
-"""Job events, pushed by the workers through Redis pub/sub, shared by every waiter of a job.
+"""Job events, pushed by Redis to the API processes that wait for them, shared by every waiter
+of a job.
 
-Workers publish on ``<prefix>:events:<id>`` when a job starts, changes stage or ends. This hub
-listens with one pattern subscription per API process. Everyone waiting on one job (long polls,
-Server-Sent Events streams: a thousand clients on one job is fine) shares one :class:`Watch`:
-when the job changes, the hub reads it from Redis **once** and hands the same snapshot (and its
-JSON, serialised once) to all of them. So the Redis work of a change does not grow with the
-number of waiters, and no burst of reads follows the end of a popular job. A job's start is
-read only when a stream follows the job; a long poll waits for its end.
+Each API process has a channel of its own (shared.watchers) and registers it on each job it
+waits for, atomically with its read of the job (:meth:`JobEvents.read`) or with the job's
+submission (``notify=`` :attr:`JobEvents.channel`). The script that changes a job then publishes
+the whole record there: only this process hears of it, and nothing is read again. Everyone
+waiting on one job (long polls, Server-Sent Events streams: a thousand clients on one job is
+fine) shares one :class:`Watch`, which keeps the latest record (and its JSON, serialised once)
+for all of them. A long poll registers for the job's end; a stream, for every change.
 
-Nothing is missed: a request starts watching before it reads the job itself, so a change during
-its read is caught; whenever the subscription is (re)established every watched job is read
-again; and every ``RECHECK_S`` each watched job is read once more, a safety net for a
-connection that died silently.
+Nothing is missed: a change after the registering read is pushed; whenever the subscription is
+(re)established every watched job is read again (pushes may have been lost meanwhile); and every
+``RECHECK_S`` each watched job is read once more, a safety net for a connection that died
+silently. A record never replaces a later one (a read that raced a push).
 """
 
 from __future__ import annotations
@@ -20,17 +21,18 @@ import asyncio
 import contextlib
 import logging
 import time
+import uuid
 from collections.abc import Iterator
 from typing import Any
 
 from redis.exceptions import RedisError
 
-from shared.jobs import AsyncJobStore, JobRecord
+from shared.jobs import AsyncJobStore, JobRecord, parse_record
 from shared.schemas import JobStatus
+from shared.watchers import pushed_fields
 
 log = logging.getLogger(__name__)
 
-FINAL = frozenset(status.value for status in JobStatus if status.is_final)
 RECHECK_S = 5.0
 SHUTDOWN_S = 2.0
 PING_AFTER_S = 10.0
@@ -48,7 +50,6 @@ class Watch:
         self.unreadable = False  # the last read failed: Redis is unavailable
         self._payload: str | None = None
         self._waiters: set[asyncio.Event] = set()
-        self.followers = 0  # waiters that want every change (streams), not just the end
         self.reading: asyncio.Task[None] | None = None
         self.again = False  # a change arrived while a read was under way
 
@@ -63,6 +64,8 @@ class Watch:
     def update(self, job: JobRecord | None) -> None:
         if job is None:
             self.gone = True
+        elif self.job is not None and _progress(job) < _progress(self.job):
+            return  # older than what the watch has (a read that raced a push)
         else:
             self.job, self._payload = job, None
         self.version += 1
@@ -118,7 +121,7 @@ class JobEvents:
     def __init__(self, store: AsyncJobStore) -> None:
         self.store = store
         self.client = store.client
-        self.keys = store.keys
+        self.channel = store.keys.channel(f"api-{uuid.uuid4().hex}")
         self._watches: dict[str, Watch] = {}
         self._tasks: set[asyncio.Task[None]] = set()
 
@@ -139,26 +142,28 @@ class JobEvents:
         return len(self._watches)
 
     @contextlib.contextmanager
-    def watch(self, job_id: str, *, every_change: bool = False) -> Iterator[Waiter]:
-        """Follow job ``job_id`` until the block ends. Watch first, then read the job and
-        :meth:`Waiter.seed` the watch with it: a change during the read is then not missed,
-        and costs a read only if it happens. A long poll waits for the job's end only;
-        ``every_change`` (a stream) also has the job read again when it starts running."""
+    def watch(self, job_id: str) -> Iterator[Waiter]:
+        """Follow job ``job_id`` until the block ends. Watch first, then register and read the
+        job (:meth:`read`, or submit it with ``notify=`` :attr:`channel`) and
+        :meth:`Waiter.seed` the watch with it: what changes after is pushed."""
         watch = self._watches.get(job_id)
         if watch is None:
             watch = self._watches[job_id] = Watch(job_id)
         waiter = Waiter(watch)
         watch._waiters.add(waiter.changed)
-        watch.followers += every_change
         try:
             yield waiter
         finally:
-            watch.followers -= every_change
             watch._waiters.discard(waiter.changed)
             if not watch._waiters and self._watches.get(watch.job_id) is watch:
                 del self._watches[watch.job_id]
                 if watch.reading is not None:
                     watch.reading.cancel()
+
+    async def read(self, job_id: str, *, every_change: bool = False) -> JobRecord | None:
+        """Read a job and have its end (a stream: ``every_change``) pushed to this process
+        from then on, in one step; None when it is gone."""
+        return await self.store.watch(job_id, self.channel, every_change=every_change)
 
     def refresh(self, watch: Watch) -> None:
         """Read the job once for all its waiters (again after the read under way, if one is)."""
@@ -199,7 +204,7 @@ class JobEvents:
         while True:
             pubsub = self.client.pubsub(ignore_subscribe_messages=True)
             try:
-                await pubsub.psubscribe(self.keys.events_pattern)
+                await pubsub.subscribe(self.channel)
                 self._refresh_all()  # whatever happened while we were not listening
                 await self._receive(pubsub)
             except asyncio.CancelledError:
@@ -212,7 +217,7 @@ class JobEvents:
                     await asyncio.wait_for(pubsub.aclose(), SHUTDOWN_S)  # type: ignore[no-untyped-call]
 
     async def _receive(self, pubsub: Any) -> None:
-        """Refresh the watch of each job that changes. A connection quiet for
+        """Update the watch of each job pushed to this process. A connection quiet for
         ``PING_AFTER_S`` is pinged; if not even the PONG comes back, it died silently (a
         half-open TCP connection) and is replaced."""
         heard = time.monotonic()
@@ -228,18 +233,23 @@ class JobEvents:
                     pinged = now
                 continue
             heard, pinged = now, None
-            if message.get("type") != "pmessage":
-                continue
-            channel = message["channel"]
-            if isinstance(channel, bytes):
-                channel = channel.decode()
-            watch = self._watches.get(self.keys.job_id_of_channel(channel))
-            if watch is not None and (watch.followers or _is_end(message.get("data"))):
-                self.refresh(watch)
+            if message.get("type") == "message":
+                self._pushed(message["data"])
+
+    def _pushed(self, data: bytes | str) -> None:
+        try:
+            job = parse_record(pushed_fields(data))
+        except ValueError as error:  # not a job as shared.watchers pushes it
+            log.warning("an unreadable job event was ignored (%s)", error)
+            return
+        watch = self._watches.get(job.id) if job is not None else None
+        if watch is not None:
+            watch.update(job)
 
 
-def _is_end(data: object) -> bool:
-    """Whether an event says the job ended (workers publish its new status, or its stage)."""
-    if isinstance(data, bytes):
-        data = data.decode(errors="replace")
-    return data in FINAL
+_STATUS_ORDER = {JobStatus.QUEUED: 0, JobStatus.RUNNING: 1}
+
+
+def _progress(job: JobRecord) -> int:
+    """How far a job has gone: queued, running, ended (2)."""
+    return _STATUS_ORDER.get(job.status, 2)

@@ -463,7 +463,7 @@ async def duplicates(
     )
     deadline = time.monotonic() + min(wait, state.settings.api.max_wait_s)
     with events.watch(job.job_id) as waiter:  # before the job exists: its end cannot be missed
-        (record,) = await submit(state, [job], kind=JobKind.DUPLICATES)
+        (record,) = await submit(state, [job], kind=JobKind.DUPLICATES, notify=events.channel)
         waiter.seed(record)
         watch = await waiter.until_end(deadline)
     ended = watch.job if watch.job is not None and watch.job.status.is_final else None

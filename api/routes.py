@@ -21,6 +21,7 @@ from api.deps import (
     State,
     StoreDep,
     read_owned_job,
+    watch_owned_job,
 )
 from api.events import Waiter
 from api.schemas import BatchAccepted, problem_responses
@@ -107,7 +108,9 @@ async def create_job(
     deadline = time.monotonic() + min(wait, state.settings.api.max_wait_s)
     job_id = new_job_id()
     with events.watch(job_id) as waiter:  # before the job exists: its end cannot be missed
-        (job,) = await _accept(state, submission, max_files=1, owner=owner, job_ids=[job_id])
+        (job,) = await _accept(
+            state, submission, max_files=1, owner=owner, job_ids=[job_id], notify=events.channel
+        )
         waiter.seed(job)
         watch = await waiter.until_end(deadline)
         if watch.job is not None and watch.job.status.is_final:
@@ -158,9 +161,10 @@ async def _accept(
     max_files: int,
     owner: str | None,
     job_ids: Sequence[str] = (),
+    notify: str | None = None,
 ) -> list[JobRecord]:
     """Validate, store and enqueue the jobs of a submission; all of them or none (with the
-    ids ``job_ids``, if given, else new ones)."""
+    ids ``job_ids``, if given, else new ones; their ends pushed to the channel ``notify``)."""
     settings = state.settings
     view = await state.fleet.view()
     top_k = submission.k or settings.gallery.top_k
@@ -192,7 +196,7 @@ async def _accept(
         )
         for job_id, upload in zip(ids, uploads, strict=True)
     ]
-    return await submit(state, new, kind=kind)
+    return await submit(state, new, kind=kind, notify=notify)
 
 
 @router.get(
@@ -214,7 +218,7 @@ async def read_job(
         return Response(job.public_json(), media_type=JSON)
     deadline = time.monotonic() + min(wait, settings.api.max_wait_s)
     with events.watch(job_id) as waiter:  # shared with every other waiter of this job
-        waiter.seed(await read_owned_job(store, job_id, owner))
+        waiter.seed(await watch_owned_job(events, job_id, owner))
         watch = await waiter.until_end(deadline)
         if watch.gone:
             raise HTTPException(404, JOB_NOT_FOUND)
@@ -234,14 +238,12 @@ async def read_job(
     response_class=StreamingResponse,
     summary="Follow a job as Server-Sent Events until it ends",
 )
-async def job_events(
-    job_id: str, owner: Caller, store: StoreDep, events: EventsDep
-) -> StreamingResponse:
+async def job_events(job_id: str, owner: Caller, events: EventsDep) -> StreamingResponse:
     watching = contextlib.ExitStack()  # left when the stream ends
     # before the read, as a long poll
-    waiter = watching.enter_context(events.watch(job_id, every_change=True))
+    waiter = watching.enter_context(events.watch(job_id))
     try:
-        waiter.seed(await read_owned_job(store, job_id, owner))
+        waiter.seed(await watch_owned_job(events, job_id, owner, every_change=True))
     except BaseException:
         watching.close()
         raise

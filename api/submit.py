@@ -116,8 +116,11 @@ async def refuse_if_full(state: AppState, count: int) -> None:
         raise HTTPException(429, QUEUE_FULL, headers={"Retry-After": "2"})
 
 
-async def submit(state: AppState, jobs: Sequence[NewJob], *, kind: JobKind) -> list[JobRecord]:
-    """Store the jobs and queue their messages, all or none (429 past the queue cap)."""
+async def submit(
+    state: AppState, jobs: Sequence[NewJob], *, kind: JobKind, notify: str | None = None
+) -> list[JobRecord]:
+    """Store the jobs and queue their messages, all or none (429 past the queue cap); their
+    ends are pushed to the channel ``notify`` (api.events) if given."""
     settings = state.settings
     queue = job_queue(settings, kind)
     records = await state.store.submit(
@@ -126,6 +129,7 @@ async def submit(state: AppState, jobs: Sequence[NewJob], *, kind: JobKind) -> l
         messages=[state.messages.search(job.job_id, queue=queue) for job in jobs],
         waiting=search_queues(settings),
         max_waiting=settings.broker.max_queued,
+        notify=notify,
     )
     if records is None:
         state.backlog.saw_full()

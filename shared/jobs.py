@@ -2,8 +2,8 @@
 
 A job is a Redis hash ``<prefix>:job:<id>``; its upload bytes live at ``<prefix>:upload:<id>``;
 both expire after the job TTL. Status changes are atomic Lua scripts, so a job computed twice
-(after a redelivery) is still answered once, and each change is published on
-``<prefix>:events:<id>`` for long polls.
+(after a redelivery) is still answered once, and each change is pushed, record and all, to
+the processes that wait for the job (shared.watchers).
 """
 
 from __future__ import annotations
@@ -23,13 +23,16 @@ from redis.exceptions import NoScriptError
 from shared.live import LiveKeys
 from shared.schemas import Job, JobKind, JobResult, JobStage, JobStatus
 from shared.settings import FASHION_MNIST
+from shared.watchers import NOTIFY
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 
-# KEYS: the job hash, its events channel, the pending set. ARGV[1] is the job id.
+# KEYS: the job hash, its watchers, the pending set. ARGV[1] is the job id.
 # Start a job: only from queued/running; counts the attempt and notes the worker; returns
 # the attempt, or -1 when final (a redelivered message for an answered job), -2 when gone.
-_START = """
+_START = (
+    NOTIFY
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then
   redis.call('ZREM', KEYS[3], ARGV[1])
@@ -40,24 +43,30 @@ local attempts = redis.call('HINCRBY', KEYS[1], 'attempts', 1)
 redis.call('HSET', KEYS[1], 'status', 'running', 'started_at', ARGV[2], 'worker', ARGV[3],
   'stage', ARGV[5])
 redis.call('ZADD', KEYS[3], ARGV[4], ARGV[1])
-redis.call('PUBLISH', KEYS[2], 'running')
+notify(KEYS[1], KEYS[2], false)
 return attempts
 """
+)
 
-# Note a running job's stage (and publish it); a job that ended or expired is left alone, so
+# Note a running job's stage (and push it); a job that ended or expired is left alone, so
 # a late stage can neither reopen a job nor recreate an expired record without its TTL.
-_STAGE = """
+_STAGE = (
+    NOTIFY
+    + """
 if redis.call('HGET', KEYS[1], 'status') ~= 'running' then return 0 end
 redis.call('HSET', KEYS[1], 'stage', ARGV[1])
-redis.call('PUBLISH', KEYS[2], ARGV[1])
+notify(KEYS[1], KEYS[2], false)
 return 1
 """
+)
 
 # Finish a job once: the first final status wins, later ones are ignored (returns 0).
 # Every computation is counted, so duplicates (a job computed twice) can be reported.
 # KEYS[4] is the upload: a failed job's is deleted (a succeeded one's is replaced by a small
 # copy for its result picture, see succeed_many), so Redis holds no uploads it no longer needs.
-_FINISH = """
+_FINISH = (
+    NOTIFY
+    + """
 local status = redis.call('HGET', KEYS[1], 'status')
 if not status then return -2 end
 redis.call('HINCRBY', KEYS[1], 'computed', 1)
@@ -66,9 +75,10 @@ redis.call('HSET', KEYS[1], 'status', ARGV[2], 'finished_at', ARGV[3], ARGV[4], 
 redis.call('HDEL', KEYS[1], 'stage')
 if ARGV[2] == 'failed' then redis.call('DEL', KEYS[4]) end
 redis.call('ZREM', KEYS[3], ARGV[1])
-redis.call('PUBLISH', KEYS[2], ARGV[2])
+notify(KEYS[1], KEYS[2], true)
 return 1
 """
+)
 
 
 # Accept jobs, all of them or none: refuse (0) if the waiting queues would pass the cap, else
@@ -77,23 +87,25 @@ return 1
 # through Lua: an argument of 350 KB cost a script 400 µs of Redis's CPU, a plain SET 4), and
 # deletes them when it refuses. A job on a live gallery records the gallery's version (what it
 # must see); an add notes itself as the item's pending add.
+# A job submitted by a process that waits for its end has that process's channel registered as
+# its watcher, in the same step: the end cannot come first.
 # KEYS: the pending set, the queue, the W queues that count as waiting, then per job its hash,
 # its upload key, its live gallery's hash and pending adds (shared.live; absent for a built
-# gallery). ARGV: the cap, the TTL, W, then per job: id, creation time (score), record, task
-# message, the item id of an add ('' otherwise).
+# gallery), its watchers. ARGV: the cap, the TTL, W, then per job: id, creation time (score),
+# record, task message, the item id of an add ('' otherwise), the channel that waits ('': none).
 _SUBMIT = """
 local w = tonumber(ARGV[3])
-local n = (#KEYS - 2 - w) / 4
+local n = (#KEYS - 2 - w) / 5
 local waiting = 0
 for i = 3, 2 + w do waiting = waiting + redis.call('LLEN', KEYS[i]) end
 if waiting + n > tonumber(ARGV[1]) then
-  for j = 0, n - 1 do redis.call('DEL', KEYS[4 + w + 4 * j]) end
+  for j = 0, n - 1 do redis.call('DEL', KEYS[4 + w + 5 * j]) end
   return 0
 end
 local ttl = tonumber(ARGV[2])
 for j = 0, n - 1 do
-  local k, a = 3 + w + 4 * j, 4 + 5 * j
-  local job, gallery, adds = KEYS[k], KEYS[k + 2], KEYS[k + 3]
+  local k, a = 3 + w + 5 * j, 4 + 6 * j
+  local job, gallery, adds, watchers = KEYS[k], KEYS[k + 2], KEYS[k + 3], KEYS[k + 4]
   local fields = {}
   for field, value in pairs(cjson.decode(ARGV[a + 2])) do
     fields[#fields + 1] = field
@@ -111,10 +123,33 @@ for j = 0, n - 1 do
   end
   redis.call('HSET', job, unpack(fields))
   redis.call('EXPIRE', job, ttl)
+  if ARGV[a + 5] ~= '' then
+    redis.call('HSET', watchers, ARGV[a + 5], 'end')
+    redis.call('EXPIRE', watchers, ttl)
+  end
   redis.call('ZADD', KEYS[1], ARGV[a + 1], ARGV[a])
   redis.call('LPUSH', KEYS[2], ARGV[a + 3])
 end
 return 1
+"""
+
+# Register a channel as a watcher of an unfinished job (``all`` changes, or its ``end``: an
+# ``all`` is never lowered to ``end``), expiring with the job, and return the job as it is:
+# every change after this read is pushed to the channel. KEYS: the job hash, its watchers.
+# ARGV: the channel, ``end`` or ``all``.
+_WATCH = """
+local record = redis.call('HGETALL', KEYS[1])
+local status = redis.call('HGET', KEYS[1], 'status')
+if status and status ~= 'succeeded' and status ~= 'failed' then
+  if ARGV[2] == 'all' then
+    redis.call('HSET', KEYS[2], ARGV[1], 'all')
+  else
+    redis.call('HSETNX', KEYS[2], ARGV[1], 'end')
+  end
+  local ttl = redis.call('PTTL', KEYS[1])
+  if ttl > 0 then redis.call('PEXPIRE', KEYS[2], ttl) end
+end
+return record
 """
 
 
@@ -143,15 +178,14 @@ class Keys:
     def upload(self, job_id: str) -> str:
         return f"{self.prefix}:upload:{job_id}"
 
-    def events(self, job_id: str) -> str:
-        return f"{self.prefix}:events:{job_id}"
+    def watchers(self, job_id: str) -> str:
+        """Hash of the channels that wait for this job's changes: channel -> end | all."""
+        return f"{self.prefix}:watchers:{job_id}"
 
-    @property
-    def events_pattern(self) -> str:
-        return f"{self.prefix}:events:*"
-
-    def job_id_of_channel(self, channel: str) -> str:
-        return channel.rsplit(":", 1)[-1]
+    def channel(self, name: str) -> str:
+        """The pub/sub channel on which a process (an API's, named ``name``) hears of the
+        jobs it watches."""
+        return f"{self.prefix}:channel:{name}"
 
     @property
     def pending(self) -> str:
@@ -401,7 +435,7 @@ class JobStore:
         self, job_id: str, worker: str, moment: datetime
     ) -> tuple[list[str], list[str | float]]:
         """The keys and arguments of the start script for one job."""
-        keys = [self.keys.job(job_id), self.keys.events(job_id), self.keys.pending]
+        keys = [self.keys.job(job_id), self.keys.watchers(job_id), self.keys.pending]
         stage = JobStage.EMBEDDING.value
         return keys, [job_id, moment.isoformat(), worker, moment.timestamp(), stage]
 
@@ -412,7 +446,7 @@ class JobStore:
 
         def build(pipe: Any) -> None:
             for job_id in job_ids:
-                keys = [self.keys.job(job_id), self.keys.events(job_id)]
+                keys = [self.keys.job(job_id), self.keys.watchers(job_id)]
                 self._evalsha(pipe, self._stage, keys, [stage.value])
 
         self._pipelined(build)
@@ -460,13 +494,13 @@ class JobStore:
         return [int(reply) == 1 for reply in replies[: len(results)]]
 
     def finish_keys(self, job_id: str) -> list[str]:
-        """The keys that ending a job touches: its hash, its events channel, the pending
+        """The keys that ending a job touches: its hash, its watchers, the pending
         set, its upload (in the order the scripts that end jobs take them)."""
         return self._end_keys(job_id)
 
     def _end_keys(self, job_id: str) -> list[str]:
         k = self.keys
-        return [k.job(job_id), k.events(job_id), k.pending, k.upload(job_id)]
+        return [k.job(job_id), k.watchers(job_id), k.pending, k.upload(job_id)]
 
     def _end(self, job_id: str, status: JobStatus, field: str, value: str) -> bool:
         args = [job_id, status.value, now().isoformat(), field, value]
@@ -482,6 +516,7 @@ class AsyncJobStore:
         self.ttl_s = ttl_s
         self.live = LiveKeys(prefix)
         self._submit = client.register_script(_SUBMIT)
+        self._watch = client.register_script(_WATCH)
 
     async def submit(
         self,
@@ -491,11 +526,13 @@ class AsyncJobStore:
         messages: Sequence[bytes],
         waiting: Sequence[str],
         max_waiting: int,
+        notify: str | None = None,
     ) -> list[JobRecord] | None:
         """Store jobs and queue their task ``messages`` on ``queue``, in one atomic step (a
         transaction: the pixels' SETs, then the script); None (nothing stored) when the
         ``waiting`` queues would hold more than ``max_waiting`` messages. (A job on a live
-        gallery records the gallery's version.)"""
+        gallery records the gallery's version.) With ``notify``, a channel: each job's end is
+        pushed there (registered in the same step)."""
         keys = [self.keys.pending, queue, *waiting]
         args: list[str | bytes | int | float] = [max_waiting, self.ttl_s, len(waiting)]
         uploads: list[tuple[str, bytes]] = []
@@ -509,10 +546,18 @@ class AsyncJobStore:
                 self.keys.upload(new.job_id),
                 self.live.gallery(new.gallery),
                 self.live.pending(new.gallery),
+                self.keys.watchers(new.job_id),
             ]
             if new.upload:
                 uploads.append((self.keys.upload(new.job_id), new.upload))
-            args += [new.job_id, created.timestamp(), json.dumps(record), message, adding]
+            args += [
+                new.job_id,
+                created.timestamp(),
+                json.dumps(record),
+                message,
+                adding,
+                notify or "",
+            ]
             parsed = parse_record(record)
             assert parsed is not None
             records.append(parsed)
@@ -536,6 +581,13 @@ class AsyncJobStore:
 
     async def get(self, job_id: str) -> JobRecord | None:
         return parse_record(await self.client.hgetall(self.keys.job(job_id)))
+
+    async def watch(self, job_id: str, channel: str, *, every_change: bool) -> JobRecord | None:
+        """Read a job and, unless it has ended, have its end (``every_change``: each change)
+        pushed to ``channel`` from then on; None when it is gone."""
+        keys = [self.keys.job(job_id), self.keys.watchers(job_id)]
+        flat = await self._watch(keys=keys, args=[channel, "all" if every_change else "end"])
+        return parse_record(dict(zip(flat[::2], flat[1::2], strict=True)))
 
     async def queue_length(self, *queues: str) -> int:
         """Messages waiting in these queues (not those already handed to a worker)."""

@@ -37,6 +37,8 @@ from typing import Any
 import redis
 import redis.asyncio as aioredis
 
+from shared.watchers import NOTIFY
+
 LOG_MAXLEN = 100_000  # entries kept per gallery log; a worker further behind reloads
 SHOWN = ["attributes", "sha256", "added_at"]  # an item's fields the API shows
 
@@ -72,14 +74,16 @@ return v
 """
 
 # Commit an embedded add and end its job, once. KEYS: gallery hash, items, item hash, sha
-# index, tombstones, log, pending adds, the job hash, its events channel, the pending-jobs
+# index, tombstones, log, pending adds, the job hash, its watchers, the pending-jobs
 # set, the job's upload. ARGV: item id, job id, accepted version, embedding field, embedding,
 # attributes JSON, sha256, image, now, result JSON (with "item":null, filled in here), log max
 # length, gallery name, the add's number (shared.jobs: accepted adds of a gallery are numbered,
 # so of two adds of an item the later accepted wins, whichever commits first).
 # Returns: 1 committed; 2 dropped (deleted after it was accepted); 3 superseded (a newer add of
 # the item is in); 0 the job had already ended (a redelivery); -2 the job is gone.
-_COMMIT = """
+_COMMIT = (
+    NOTIFY
+    + """
 local status = redis.call('HGET', KEYS[8], 'status')
 if not status then return -2 end
 redis.call('HINCRBY', KEYS[8], 'computed', 1)
@@ -128,9 +132,10 @@ redis.call('HSET', KEYS[8], 'status', 'succeeded', 'finished_at', ARGV[9],
 redis.call('HDEL', KEYS[8], 'stage')
 redis.call('ZREM', KEYS[10], ARGV[2])
 redis.call('DEL', KEYS[11])
-redis.call('PUBLISH', KEYS[9], 'succeeded')
+notify(KEYS[8], KEYS[9], true)
 return outcome
 """
+)
 
 
 # KEYS: the item hash. ARGV: its sha256 when embedded, the embedding field, the embedding.

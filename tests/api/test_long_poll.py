@@ -1,6 +1,6 @@
 """Long polls, in process (no worker: the tests end the jobs themselves): a job that ends while
-its record is being read wakes the poller; a submission can wait for its job's end; a long poll
-reads a job only when it ends."""
+its record is being read wakes the poller; a submission can wait for its job's end; a waiting
+request reads its job once, and its changes are pushed to it."""
 
 from __future__ import annotations
 
@@ -22,8 +22,9 @@ from shared.jobs import JobRecord, JobStore, new_job_id
 def listening(make_client: Callable[..., TestClient], redis_client: redis.Redis) -> TestClient:
     """An in-process app whose event hub listens (and has read what it watches)."""
     client = make_client()
+    channel = client.app.state.lookalike.events.channel  # type: ignore[attr-defined]
     deadline = time.monotonic() + 10
-    while redis_client.pubsub_numpat() < 1:
+    while redis_client.pubsub_numsub(channel)[0][1] < 1:
         assert time.monotonic() < deadline
         time.sleep(0.01)
     time.sleep(0.1)
@@ -44,20 +45,20 @@ def test_long_poll_wakes_for_a_job_that_ends_while_it_is_being_read(
     job_id = "c" * 32
     sync_store.create(job_id, upload=b"never enqueued", k=5)
     store = client.app.state.lookalike.store  # type: ignore[attr-defined]
-    read = store.get
+    read = store.watch
     reads = 0
 
-    async def get_while_the_job_ends(wanted: str) -> JobRecord | None:
+    async def read_while_the_job_ends(wanted: str, *args: Any, **kwargs: Any) -> JobRecord | None:
         # The first read sees "queued"; a worker ends the job before the answer is used.
         nonlocal reads
         reads += 1
-        record = await read(wanted)
+        record = await read(wanted, *args, **kwargs)
         if reads == 1:
             sync_store.fail(job_id, "it ended during the read")
             await asyncio.sleep(0.2)  # the event hub hears of it meanwhile
         return record
 
-    store.get = get_while_the_job_ends
+    store.watch = read_while_the_job_ends
     started = time.monotonic()
     reply: Any = client.get(f"/jobs/{job_id}", params={"wait": "5"})
     elapsed = time.monotonic() - started
@@ -106,16 +107,20 @@ def test_a_submission_whose_wait_runs_out_answers_202_with_the_queued_job(
     assert 0.45 <= elapsed < 3
 
 
-def _count_reads(client: TestClient) -> list[str]:
+def _count_reads(client: TestClient) -> dict[str, list[str]]:
+    """The app's reads of jobs from here on: plain (``get``) and registering (``watch``)."""
     store = client.app.state.lookalike.store  # type: ignore[attr-defined]
-    read = store.get
-    reads: list[str] = []
+    reads: dict[str, list[str]] = {"get": [], "watch": []}
+    for name, calls in reads.items():
+        read = getattr(store, name)
 
-    async def counted(job_id: str) -> JobRecord | None:
-        reads.append(job_id)
-        return await read(job_id)
+        async def counted(
+            job_id: str, *args: Any, _read: Any = read, _calls: list[str] = calls, **kwargs: Any
+        ) -> JobRecord | None:
+            _calls.append(job_id)
+            return await _read(job_id, *args, **kwargs)  # type: ignore[no-any-return]
 
-    store.get = counted
+        setattr(store, name, counted)
     return reads
 
 
@@ -123,7 +128,7 @@ def _reads_while_it_starts_and_ends(
     redis_client: redis.Redis,
     make_client: Callable[..., TestClient],
     request: Callable[[TestClient, str], Any],
-) -> tuple[Any, list[str]]:
+) -> tuple[Any, dict[str, list[str]]]:
     """``request(client, job_id)``'s answer while a "worker" starts the job, then fails it;
     and the app's reads of the job meanwhile."""
     client = listening(make_client, redis_client)
@@ -134,9 +139,9 @@ def _reads_while_it_starts_and_ends(
 
     def start_then_end() -> None:
         time.sleep(0.3)  # the request watches the job
-        sync_store.start(job_id, worker="test")  # published: running
+        sync_store.start(job_id, worker="test")  # pushed to streams
         time.sleep(0.3)
-        sync_store.fail(job_id, "ended by the test")  # published: failed
+        sync_store.fail(job_id, "ended by the test")  # pushed to every waiter
 
     worker = threading.Thread(target=start_then_end)
     worker.start()
@@ -145,7 +150,7 @@ def _reads_while_it_starts_and_ends(
     return answer, reads
 
 
-def test_a_long_poll_reads_the_job_when_it_ends_not_when_it_starts(
+def test_a_long_poll_reads_the_job_once_and_is_told_its_end(
     redis_client: redis.Redis, make_client: Callable[..., TestClient]
 ) -> None:
     reply, reads = _reads_while_it_starts_and_ends(
@@ -155,10 +160,11 @@ def test_a_long_poll_reads_the_job_when_it_ends_not_when_it_starts(
     )
 
     assert reply.json()["status"] == "failed"
-    assert len(reads) == 2  # the request's own read, then the hub's at the end
+    assert reply.json()["error"] == "ended by the test"
+    assert (len(reads["watch"]), len(reads["get"])) == (1, 0)  # its own read; then pushes
 
 
-def test_a_stream_reads_the_job_when_it_starts_and_when_it_ends(
+def test_a_stream_reads_the_job_once_and_is_told_each_change(
     redis_client: redis.Redis, make_client: Callable[..., TestClient]
 ) -> None:
     def stream(client: TestClient, job_id: str) -> list[str]:
@@ -169,4 +175,49 @@ def test_a_stream_reads_the_job_when_it_starts_and_when_it_ends(
 
     statuses = [line.split('"status":"')[1].split('"')[0] for line in events]
     assert statuses == ["queued", "running", "failed"]
-    assert len(reads) == 3
+    assert (len(reads["watch"]), len(reads["get"])) == (1, 0)
+
+
+def test_a_submission_that_waits_is_told_its_end_without_reading_it(
+    redis_client: redis.Redis, make_client: Callable[..., TestClient]
+) -> None:
+    client = listening(make_client, redis_client)
+    sync_store = JobStore(redis_client, prefix="lookalike", ttl_s=600)
+    store = client.app.state.lookalike.store  # type: ignore[attr-defined]
+    submit = store.submit
+    reads = _count_reads(client)
+
+    async def submit_then_end_soon(jobs: Sequence[Any], **kwargs: Any) -> Any:
+        records = await submit(jobs, **kwargs)
+        threading.Timer(0.2, sync_store.start, args=(jobs[0].job_id,)).start()
+        threading.Timer(0.4, sync_store.fail, args=(jobs[0].job_id, "ended by the test")).start()
+        return records
+
+    store.submit = submit_then_end_soon
+    reply: Any = client.post("/jobs", params={"wait": "5"}, files={"file": ("q.png", png())})
+
+    assert reply.status_code == 200 and reply.json()["status"] == "failed"
+    assert reads == {"get": [], "watch": []}
+    watchers = sync_store.keys.watchers(reply.json()["id"])
+    assert not redis_client.exists(watchers)  # the end was the watcher's last
+
+
+def test_a_record_never_replaces_a_later_one(
+    redis_client: redis.Redis, make_client: Callable[..., TestClient]
+) -> None:
+    """A read that raced a push (it left Redis before the end, and came back after it) does
+    not take a job back to running."""
+    client = listening(make_client, redis_client)
+    sync_store = JobStore(redis_client, prefix="lookalike", ttl_s=600)
+    job_id = new_job_id()
+    sync_store.create(job_id, upload=b"never enqueued", k=5)
+    sync_store.start(job_id)
+    running = sync_store.get(job_id)
+    sync_store.fail(job_id, "ended")
+    events = client.app.state.lookalike.events  # type: ignore[attr-defined]
+
+    with events.watch(job_id) as waiter:
+        waiter.watch.update(sync_store.get(job_id))
+        waiter.watch.update(running)
+
+        assert waiter.watch.job.status == "failed"

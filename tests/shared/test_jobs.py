@@ -1,4 +1,4 @@
-"""JobStore against a real Redis: records, TTLs, atomic status changes and their events."""
+"""JobStore against a real Redis: records, TTLs, atomic status changes, pushed to watchers."""
 
 from __future__ import annotations
 
@@ -7,8 +7,9 @@ import time
 import pytest
 import redis
 
-from shared.jobs import JobStore, is_job_id, new_job_id
+from shared.jobs import JobStore, is_job_id, new_job_id, parse_record
 from shared.schemas import GalleryInfo, JobResult, JobStage, JobStatus, Match, Timings
+from shared.watchers import pushed_fields
 
 PREFIX = "lookalike-test"
 TTL_S = 600
@@ -187,37 +188,72 @@ def test_finishing_a_missing_job_creates_nothing(
 # --- events -------------------------------------------------------------------------------------
 
 
-def test_status_changes_are_published_on_the_job_channel(
+def watching(
+    client: redis.Redis, store: JobStore, job_id: str, *, wants: str = "end", name: str = "a"
+) -> redis.client.PubSub:
+    """A process's channel, subscribed and registered as a watcher of ``job_id``."""
+    channel = store.keys.channel(name)
+    client.hset(store.keys.watchers(job_id), channel, wants)
+    return subscribed(client, channel)
+
+
+def pushed(pubsub: redis.client.PubSub, *, count: int, timeout: float = 2.0) -> list[str]:
+    """The statuses of the records pushed to a channel."""
+    return [
+        str(parse_record(pushed_fields(data)).status)  # type: ignore[union-attr]
+        for data in messages(pubsub, count=count, timeout=timeout)
+    ]
+
+
+def test_a_watcher_of_every_change_is_pushed_each_record(
     store: JobStore, redis_client: redis.Redis
 ) -> None:
     job_id = created(store)
-    pubsub = subscribed(redis_client, store.keys.events(job_id))
+    pubsub = watching(redis_client, store, job_id, wants="all")
     try:
-        store.start(job_id)
+        store.start(job_id, worker="w1")
         store.succeed(job_id, result())
 
-        assert messages(pubsub, count=2) == [b"running", b"succeeded"]
+        first, last = (parse_record(pushed_fields(data)) for data in messages(pubsub, count=2))
+        assert first is not None and (first.status, first.worker) == ("running", "w1")
+        assert last == store.get(job_id)  # the whole record, as stored
     finally:
         pubsub.close()
 
 
-def test_failure_is_published_on_the_job_channel(
+def test_a_watcher_of_the_end_hears_only_the_end_and_is_then_forgotten(
     store: JobStore, redis_client: redis.Redis
 ) -> None:
     job_id = created(store)
-    pubsub = subscribed(redis_client, store.keys.events(job_id))
+    pubsub = watching(redis_client, store, job_id, wants="end")
     try:
+        store.start(job_id)
         store.fail(job_id, "no")
 
-        assert messages(pubsub, count=1) == [b"failed"]
+        assert pushed(pubsub, count=2, timeout=0.5) == ["failed"]
+        assert not redis_client.exists(store.keys.watchers(job_id))
     finally:
         pubsub.close()
 
 
-def test_ignored_change_publishes_nothing(store: JobStore, redis_client: redis.Redis) -> None:
+def test_every_watching_process_hears_the_end(store: JobStore, redis_client: redis.Redis) -> None:
+    job_id = created(store)
+    one = watching(redis_client, store, job_id, name="one")
+    two = watching(redis_client, store, job_id, wants="all", name="two")
+    try:
+        store.succeed(job_id, result())
+
+        assert pushed(one, count=1) == ["succeeded"]
+        assert pushed(two, count=1) == ["succeeded"]
+    finally:
+        one.close()
+        two.close()
+
+
+def test_ignored_change_pushes_nothing(store: JobStore, redis_client: redis.Redis) -> None:
     job_id = created(store)
     store.succeed(job_id, result())
-    pubsub = subscribed(redis_client, store.keys.events(job_id))
+    pubsub = watching(redis_client, store, job_id, wants="all")
     try:
         store.fail(job_id, "too late")
         store.start(job_id)
@@ -227,16 +263,29 @@ def test_ignored_change_publishes_nothing(store: JobStore, redis_client: redis.R
         pubsub.close()
 
 
-def test_events_of_one_job_stay_on_its_channel(store: JobStore, redis_client: redis.Redis) -> None:
+def test_changes_of_one_job_reach_only_its_watchers(
+    store: JobStore, redis_client: redis.Redis
+) -> None:
     watched, other = created(store), created(store)
-    pubsub = subscribed(redis_client, store.keys.events(watched))
+    pubsub = watching(redis_client, store, watched, wants="all")
     try:
         store.start(other)
+        store.succeed(other, result())
         store.start(watched)
 
-        assert messages(pubsub, count=2, timeout=0.5) == [b"running"]
+        assert pushed(pubsub, count=2, timeout=0.5) == ["running"]
     finally:
         pubsub.close()
+
+
+def test_a_job_nobody_watches_publishes_nothing(store: JobStore, redis_client: redis.Redis) -> None:
+    job_id = created(store)
+    redis_client.config_resetstat()
+    store.start(job_id)
+    store.succeed(job_id, result())
+
+    assert "cmdstat_publish" not in redis_client.info("commandstats")
+    assert store.get(job_id).status == JobStatus.SUCCEEDED  # type: ignore[union-attr]
 
 
 # --- ids ----------------------------------------------------------------------------------------

@@ -23,9 +23,10 @@ from PIL import Image
 
 from lookalike.redis_server import RedisServer
 from shared.images import encode_pixels
-from shared.jobs import AsyncJobStore, JobRecord, JobStore, NewJob, new_job_id
+from shared.jobs import AsyncJobStore, JobRecord, JobStore, NewJob, new_job_id, parse_record
 from shared.live import AsyncLiveStore, LiveStore, StoredItem
 from shared.schemas import GalleryInfo, JobKind, JobResult, JobStatus, Timings
+from shared.watchers import pushed_fields
 
 PREFIX = "lookalike-test"
 DIM = 8
@@ -221,8 +222,9 @@ def test_a_commit_indexes_the_item_and_ends_its_job(shop: Catalogue) -> None:
     assert shop.client.hget(shop.keys.pending("shop"), "sku-1") == job.id.encode()
     before = shop.store.meta("shop")["updated_at"]
     events = shop.client.pubsub()  # type: ignore[no-untyped-call]
-    events.subscribe(shop.jobs.keys.events(job.id))
+    events.subscribe(shop.jobs.keys.channel("api"))
     assert events.get_message(timeout=2.0) is not None  # subscribed
+    shop.client.hset(shop.jobs.keys.watchers(job.id), shop.jobs.keys.channel("api"), "end")
     time.sleep(0.002)  # updated_at moves on
 
     assert shop.commit(job) == 1
@@ -257,8 +259,8 @@ def test_a_commit_indexes_the_item_and_ends_its_job(shop: Catalogue) -> None:
     assert shop.jobs.upload(job.id) is None
     assert shop.client.zscore(shop.jobs.keys.pending, job.id) is None
     assert shop.client.hget(shop.keys.pending("shop"), "sku-1") is None
-    message = events.get_message(timeout=2.0)
-    assert message is not None and message["data"] == b"succeeded"
+    message = events.get_message(timeout=2.0)  # the ended job, pushed to its watcher
+    assert message is not None and parse_record(pushed_fields(message["data"])) == ended
     events.close()
 
 
