@@ -37,12 +37,18 @@ def test_the_message_is_the_one_celery_sends(
     redis_server: RedisServer, redis_client: redis.Redis
 ) -> None:
     celery = make_celery(settings(redis_server), name="test")
-    job_id = new_job_id()
-    celery.send_task(SEARCH_TASK, args=[job_id], task_id=job_id, queue=QUEUE)
-    sent = redis_client.lpop(QUEUE)
-    assert isinstance(sent, bytes)
-    ours = TaskMessages(celery).search(job_id, queue=QUEUE)
-    assert comparable(ours) == comparable(sent)
+    messages = TaskMessages(celery)
+    for queue in (*WAITING, QUEUE):  # each job's, from the queue's message made once
+        job_id = new_job_id()
+        celery.send_task(SEARCH_TASK, args=[job_id], task_id=job_id, queue=queue)
+        sent = redis_client.lpop(queue)
+        assert isinstance(sent, bytes)
+        assert comparable(messages.search(job_id, queue=queue)) == comparable(sent)
+    tags = {
+        json.loads(messages.search(job_id, queue=QUEUE))["properties"]["delivery_tag"]
+        for _ in range(3)
+    }
+    assert len(tags) == 3
     celery.close()
 
 
