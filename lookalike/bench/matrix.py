@@ -5,6 +5,7 @@
     .venv/bin/python -m lookalike.bench.matrix startup    # needs the 70,000-image index built
     .venv/bin/python -m lookalike.bench.matrix build      # distributed index builds
     .venv/bin/python -m lookalike.bench.matrix cpu        # the stack's CPU per job
+    BENCH_API_PROCESSES=4 BENCH_REQUESTS=2000 .venv/bin/python -m lookalike.bench.matrix cpu
 
 Each configuration starts its own Redis, N ``lookalike worker`` processes and ``lookalike api``
 (``lookalike.stack.Stack``, the stack the end-to-end tests start) with the settings below,
@@ -207,8 +208,10 @@ def stack_cpu(stack: Stack) -> dict[str, float]:
 
 def cpu(requests: int = 600, concurrency: int = 32, runs: int = 2) -> None:
     """The service stack's own CPU per image job: a tiny random CLIP (the model costs next to
-    nothing), one API, one worker with one torch thread, ``requests`` jobs at ``concurrency``;
-    each process's CPU time over the timed run (after a warm-up run), divided by the jobs."""
+    nothing), one API (``BENCH_API_PROCESSES``: that many API processes, as on a GPU machine),
+    one worker with one torch thread, ``requests`` jobs at ``concurrency``; each process's CPU
+    time over the timed run (after a warm-up run), divided by the jobs."""
+    api_processes = os.environ.get("BENCH_API_PROCESSES", "1")
     if not (TINY_CHECKPOINT / "config.json").exists():
         save_random_clip(TINY_CHECKPOINT, shape="tiny")
     env = environment(
@@ -226,8 +229,10 @@ def cpu(requests: int = 600, concurrency: int = 32, runs: int = 2) -> None:
         built = stack.run_cli("index", "build", "--no-progress", timeout=3600)
         if built.returncode:
             raise SystemExit(f"index build failed:\n{built.stderr}")
-        stack.start(workers=1)
+        stack.start(workers=1, api=False)
         try:
+            stack.start_api("--workers", api_processes)
+            stack.wait_ready(workers=1)
             bench(stack, requests=200, concurrency=concurrency, out=Path(tmp) / "warm")
             for run in range(1, runs + 1):
                 before, client_before = stack_cpu(stack), _children_cpu()
@@ -269,7 +274,7 @@ def main(groups: list[str]) -> None:
         build()
         return
     if groups == ["cpu"]:
-        cpu()
+        cpu(requests=int(os.environ.get("BENCH_REQUESTS", "600")))
         return
     print(
         "| configuration | requests | jobs/s | p50 / p95 / p99 ms | embed p50 ms | "
