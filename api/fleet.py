@@ -1,7 +1,8 @@
 """What the workers announce about themselves (worker.heartbeat), as the API sees it.
 
 Read from Redis at most once a second per API process and shared by every request: readiness,
-the galleries jobs may name, and whether text search is on somewhere.
+the galleries jobs may name, and whether text search is on somewhere (each worked out once per
+read, not per request).
 """
 
 from __future__ import annotations
@@ -9,6 +10,7 @@ from __future__ import annotations
 import json
 import time
 from dataclasses import dataclass, field
+from functools import cached_property
 from typing import Any
 
 from shared.images import InputSpec
@@ -24,11 +26,11 @@ CACHE_S = 1.0
 class FleetView:
     workers: list[dict[str, Any]] = field(default_factory=list)
 
-    @property
+    @cached_property
     def ready(self) -> list[dict[str, Any]]:
         return [w for w in self.workers if w.get("state") == "ready"]
 
-    @property
+    @cached_property
     def galleries(self) -> dict[str, dict[str, Any]]:
         """The galleries every ready worker serves, by name: all workers take jobs from the
         same queue, so a gallery only some of them hold would fail on the others."""
@@ -42,13 +44,13 @@ class FleetView:
             found = {name: g for name, g in found.items() if name in held}
         return found
 
-    @property
+    @cached_property
     def default_gallery(self) -> str | None:
         """The default gallery of the ready workers, if they all have the same."""
         defaults = {str(w.get("gallery")) for w in self.ready if w.get("gallery")}
         return defaults.pop() if len(defaults) == 1 else None
 
-    @property
+    @cached_property
     def input_spec(self) -> InputSpec | None:
         """The model input every ready worker takes, if they agree (then the API stores job
         images at that size); None otherwise."""
@@ -57,7 +59,7 @@ class FleetView:
             return None
         return InputSpec.from_dict(self.ready[0].get("input"))
 
-    @property
+    @cached_property
     def modes(self) -> dict[str, bool]:
         """Text jobs have their own queue, which only text-capable workers consume: one such
         worker is enough."""
