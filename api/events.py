@@ -99,7 +99,8 @@ class Waiter:
         if self.watch.version == self.seen:
             self.changed.clear()
             with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(self.changed.wait(), timeout)
+                async with asyncio.timeout(timeout):  # (wait_for: a task per call)
+                    await self.changed.wait()
         if self.watch.version == self.seen:
             return False
         self.seen = self.watch.version

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import time
 from collections.abc import Callable
 
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
@@ -69,12 +68,13 @@ class BodySizeLimit:
         received = 0
         refused: BodyRefused | None = None
         started = False
-        deadline = time.monotonic() + self.timeout_s
+        deadline = asyncio.get_running_loop().time() + self.timeout_s
 
         async def counted_receive() -> Message:
             nonlocal received, refused
             try:
-                message = await asyncio.wait_for(receive(), deadline - time.monotonic())
+                async with asyncio.timeout_at(deadline):  # (wait_for: a task per call)
+                    message = await receive()
             except TimeoutError:
                 refused = BodyRefused(408, TOO_SLOW)
                 raise refused from None
