@@ -63,6 +63,8 @@ class Watch:
 
     def update(self, job: JobRecord | None) -> None:
         if job is None:
+            if self.job is None:
+                return  # not stored yet: a recheck read it while its submission was under way
             self.gone = True
         elif self.job is not None and _progress(job) < _progress(self.job):
             return  # older than what the watch has (a read that raced a push)

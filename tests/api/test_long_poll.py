@@ -93,6 +93,31 @@ def test_a_submission_with_wait_answers_200_with_the_job_once_it_ends(
     assert elapsed < 0.3 + RECHECK_S / 2, f"answered after {elapsed:.2f}s"
 
 
+def test_a_recheck_during_the_submission_does_not_end_its_wait(
+    redis_client: redis.Redis, make_client: Callable[..., TestClient]
+) -> None:
+    """The hub rereads every watched job now and then; one that reads a job whose submission
+    is still under way finds nothing, and the submission must still wait for the end."""
+    client = listening(make_client, redis_client)
+    sync_store = JobStore(redis_client, prefix="lookalike", ttl_s=600)
+    store = client.app.state.lookalike.store  # type: ignore[attr-defined]
+    events = client.app.state.lookalike.events  # type: ignore[attr-defined]
+    submit = store.submit
+
+    async def submit_after_a_recheck(jobs: Sequence[Any], **kwargs: Any) -> Any:
+        events._refresh_all()  # as the recheck does: the job is not stored yet
+        await asyncio.sleep(0.1)
+        records = await submit(jobs, **kwargs)
+        threading.Timer(0.3, sync_store.fail, args=(jobs[0].job_id, "ended by the test")).start()
+        return records
+
+    store.submit = submit_after_a_recheck
+    reply: Any = client.post("/jobs", params={"wait": "5"}, files={"file": ("q.png", png())})
+
+    assert reply.status_code == 200
+    assert reply.json()["status"] == "failed"
+
+
 def test_a_submission_whose_wait_runs_out_answers_202_with_the_queued_job(
     redis_client: redis.Redis, make_client: Callable[..., TestClient]
 ) -> None:
