@@ -39,12 +39,18 @@ def restored_root() -> Iterator[logging.Logger]:
     """The root logger, given back with its handlers and level as they were."""
     root = logging.getLogger()
     handlers, level = list(root.handlers), root.level
+    lookups = {name: getattr(logging, name) for name in _LOOKUPS}
     yield root
     for handler in list(root.handlers):
         root.removeHandler(handler)
     for handler in handlers:
         root.addHandler(handler)
     root.setLevel(level)
+    for name, value in lookups.items():
+        setattr(logging, name, value)
+
+
+_LOOKUPS = ("_srcfile", "logThreads", "logProcesses", "logMultiprocessing")
 
 
 def lines(stream: io.StringIO) -> list[dict[str, Any]]:
