@@ -277,7 +277,8 @@ def _embed_one_by_one(
 
 
 def _search(engine: Engine, ready: list[_Ready]) -> None:
-    """One matrix product per gallery for all its queries; then each job's rows and top-k."""
+    """One matrix product per gallery for all its queries; then each job's rows and top-k,
+    brought back from the device in one copy for the group (on a GPU, a copy is a wait)."""
     for name in dict.fromkeys(r.job.gallery for r in ready):
         group = [r for r in ready if r.job.gallery == name]
         gallery = engine.searchable(name, version=max(r.job.gallery_version for r in group))
@@ -290,8 +291,14 @@ def _search(engine: Engine, ready: list[_Ready]) -> None:
                 q = torch.from_numpy(np.ascontiguousarray(queries)).to(matrix.device, matrix.dtype)
                 scores = (q @ matrix.T).float().clamp_(-1.0, 1.0)
             base = gallery.candidates()
-            for position, item in enumerate(group):
-                item.matches = _top(gallery, item, scores[position], base, rows)
+            tops = [_top(gallery, r, scores[at], base, rows) for at, r in enumerate(group)]
+            best = torch.cat([score for score, _ in tops]).cpu().tolist()
+            where = torch.cat([row for _, row in tops]).cpu().tolist()
+            start = 0
+            for item, (score, _) in zip(group, tops, strict=True):
+                end = start + len(score)
+                item.matches = _matches(gallery, item.job, best[start:end], where[start:end])
+                start = end
         search_ms = (time.perf_counter() - t0) * 1000
         for item in group:
             item.search_ms = search_ms
@@ -315,8 +322,9 @@ def _top(
     scores: torch.Tensor,
     base: np.ndarray | None,
     rows: int,
-) -> list[Match]:
-    """The job's best rows among those its options allow, best first, at most k."""
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """The scores and rows of the job's best rows among those its options allow, best first,
+    at most k (on the scores' device)."""
     job = item.job
     allowed = base.copy() if base is not None else None
     if job.filter:
@@ -330,12 +338,17 @@ def _top(
         allowed[[row for row in excluded if row is not None]] = False
     if allowed is not None:
         scores = scores.masked_fill(~torch.from_numpy(allowed).to(scores.device), float("-inf"))
-    k = min(job.k, rows)
-    if k == 0:
-        return []
-    best, where = torch.topk(scores, k, largest=True, sorted=True)
+    best, where = torch.topk(scores, min(job.k, rows), largest=True, sorted=True)
+    return best, where
+
+
+def _matches(
+    gallery: Searchable, job: JobRecord, best: list[float], where: list[int]
+) -> list[Match]:
+    """The matches of a job's top rows: up to the first excluded one, or the first under its
+    ``min_score``."""
     matches: list[Match] = []
-    for score, row in zip(best.cpu().tolist(), where.cpu().tolist(), strict=True):
+    for score, row in zip(best, where, strict=True):
         if score == float("-inf") or (job.min_score is not None and score < job.min_score):
             break
         matches.append(gallery.match(int(row), rank=len(matches) + 1, score=round(score, 6)))

@@ -5,11 +5,14 @@ from __future__ import annotations
 import dataclasses
 import logging
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import pytest
 import redis
+import torch
 
+import worker.search as search_module
 from shared.fashion_mnist import CLASS_NAMES, load_gallery
 from shared.images import NOT_AN_IMAGE, TOO_MANY_PIXELS
 from shared.jobs import JobRecord, JobStore, new_job_id
@@ -313,6 +316,41 @@ def test_mixed_batch_answers_each_job_with_its_own_kind(
         [m.score for m in expected.result.matches], abs=1e-4
     )
     assert [job.kind for job in jobs] == [JobKind.IMAGE, JobKind.TEXT, JobKind.IMAGE]
+
+
+def test_a_batch_matches_come_back_from_the_device_in_one_copy(
+    store: JobStore, engine: Engine, fake_data_dir: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """On a GPU each copy back waits for the device: a batch makes two (its jobs' scores and
+    rows, together), not two per job."""
+    copies: list[tuple[int, ...]] = []
+    searching = False
+    real_search, real_cpu = search_module._search, torch.Tensor.cpu
+
+    def counted_cpu(self: torch.Tensor, *args: Any, **kwargs: Any) -> torch.Tensor:
+        if searching:
+            copies.append(tuple(self.shape))
+        return real_cpu(self, *args, **kwargs)
+
+    def counted_search(*args: Any, **kwargs: Any) -> None:
+        nonlocal searching
+        searching = True
+        try:
+            real_search(*args, **kwargs)
+        finally:
+            searching = False
+
+    monkeypatch.setattr(torch.Tensor, "cpu", counted_cpu)
+    monkeypatch.setattr(search_module, "_search", counted_search)
+    wanted = ((42, 2), (7, 3), (9, 5))
+    ids = [submitted(store, gallery_png(fake_data_dir, row), k=k) for row, k in wanted]
+
+    jobs = run_jobs(store, engine, ids)
+
+    results = [job.result for job in jobs]
+    assert all(result is not None for result in results), [job.error for job in jobs]
+    assert [(r.matches[0].index, len(r.matches)) for r in results] == list(wanted)  # type: ignore[union-attr]
+    assert copies == [(10,), (10,)]
 
 
 def test_failing_image_in_a_mixed_batch_fails_alone(
