@@ -68,29 +68,47 @@ def test_long_poll_wakes_for_a_job_that_ends_while_it_is_being_read(
     assert elapsed < 0.2 + RECHECK_S / 2, f"woke after {elapsed:.2f}s"
 
 
-def test_a_submission_with_wait_answers_200_with_the_job_once_it_ends(
-    redis_client: redis.Redis, make_client: Callable[..., TestClient]
-) -> None:
-    client = listening(make_client, redis_client)
+def _submit_while_a_worker_ends_it(
+    client: TestClient, redis_client: redis.Redis, *, before: Callable[[], Any] | None = None
+) -> tuple[Any, float]:
+    """``POST /jobs?wait=5`` (after ``before()``, once the job is watched and not yet stored),
+    while a "worker" starts the job 0.2 s after it is stored and fails it 0.2 s later; the
+    answer, and how long it took."""
     sync_store = JobStore(redis_client, prefix="lookalike", ttl_s=600)
     store = client.app.state.lookalike.store  # type: ignore[attr-defined]
     submit = store.submit
 
     async def submit_then_end_soon(jobs: Sequence[Any], **kwargs: Any) -> Any:
+        if before is not None:
+            before()
+            await asyncio.sleep(0.1)
         records = await submit(jobs, **kwargs)  # stored and queued; the "worker" ends it soon
-        threading.Timer(0.3, sync_store.fail, args=(jobs[0].job_id, "ended by the test")).start()
+        job_id = jobs[0].job_id
+        threading.Timer(0.2, sync_store.start, args=(job_id,)).start()
+        threading.Timer(0.4, sync_store.fail, args=(job_id, "ended by the test")).start()
         return records
 
     store.submit = submit_then_end_soon
     started = time.monotonic()
-    reply: Any = client.post("/jobs", params={"wait": "5"}, files={"file": ("q.png", png())})
-    elapsed = time.monotonic() - started
+    reply = client.post("/jobs", params={"wait": "5"}, files={"file": ("q.png", png())})
+    return reply, time.monotonic() - started
+
+
+def test_a_submission_with_wait_answers_200_with_the_job_once_it_ends(
+    redis_client: redis.Redis, make_client: Callable[..., TestClient]
+) -> None:
+    client = listening(make_client, redis_client)
+    reads = _count_reads(client)
+
+    reply, elapsed = _submit_while_a_worker_ends_it(client, redis_client)
 
     assert reply.status_code == 200
     job = reply.json()
     assert (job["status"], job["error"]) == ("failed", "ended by the test")
     assert reply.headers["location"] == f"/jobs/{job['id']}"
-    assert elapsed < 0.3 + RECHECK_S / 2, f"answered after {elapsed:.2f}s"
+    assert elapsed < 0.4 + RECHECK_S / 2, f"answered after {elapsed:.2f}s"
+    assert reads == {"get": [], "watch": []}  # told of its end, not reading it
+    assert not redis_client.exists(f"lookalike:watchers:{job['id']}")  # the watcher's last
 
 
 def test_a_recheck_during_the_submission_does_not_end_its_wait(
@@ -99,20 +117,9 @@ def test_a_recheck_during_the_submission_does_not_end_its_wait(
     """The hub rereads every watched job now and then; one that reads a job whose submission
     is still under way finds nothing, and the submission must still wait for the end."""
     client = listening(make_client, redis_client)
-    sync_store = JobStore(redis_client, prefix="lookalike", ttl_s=600)
-    store = client.app.state.lookalike.store  # type: ignore[attr-defined]
     events = client.app.state.lookalike.events  # type: ignore[attr-defined]
-    submit = store.submit
 
-    async def submit_after_a_recheck(jobs: Sequence[Any], **kwargs: Any) -> Any:
-        events._refresh_all()  # as the recheck does: the job is not stored yet
-        await asyncio.sleep(0.1)
-        records = await submit(jobs, **kwargs)
-        threading.Timer(0.3, sync_store.fail, args=(jobs[0].job_id, "ended by the test")).start()
-        return records
-
-    store.submit = submit_after_a_recheck
-    reply: Any = client.post("/jobs", params={"wait": "5"}, files={"file": ("q.png", png())})
+    reply, _ = _submit_while_a_worker_ends_it(client, redis_client, before=events._refresh_all)
 
     assert reply.status_code == 200
     assert reply.json()["status"] == "failed"
@@ -201,30 +208,6 @@ def test_a_stream_reads_the_job_once_and_is_told_each_change(
     statuses = [line.split('"status":"')[1].split('"')[0] for line in events]
     assert statuses == ["queued", "running", "failed"]
     assert (len(reads["watch"]), len(reads["get"])) == (1, 0)
-
-
-def test_a_submission_that_waits_is_told_its_end_without_reading_it(
-    redis_client: redis.Redis, make_client: Callable[..., TestClient]
-) -> None:
-    client = listening(make_client, redis_client)
-    sync_store = JobStore(redis_client, prefix="lookalike", ttl_s=600)
-    store = client.app.state.lookalike.store  # type: ignore[attr-defined]
-    submit = store.submit
-    reads = _count_reads(client)
-
-    async def submit_then_end_soon(jobs: Sequence[Any], **kwargs: Any) -> Any:
-        records = await submit(jobs, **kwargs)
-        threading.Timer(0.2, sync_store.start, args=(jobs[0].job_id,)).start()
-        threading.Timer(0.4, sync_store.fail, args=(jobs[0].job_id, "ended by the test")).start()
-        return records
-
-    store.submit = submit_then_end_soon
-    reply: Any = client.post("/jobs", params={"wait": "5"}, files={"file": ("q.png", png())})
-
-    assert reply.status_code == 200 and reply.json()["status"] == "failed"
-    assert reads == {"get": [], "watch": []}
-    watchers = sync_store.keys.watchers(reply.json()["id"])
-    assert not redis_client.exists(watchers)  # the end was the watcher's last
 
 
 def test_a_record_never_replaces_a_later_one(
