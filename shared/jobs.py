@@ -23,7 +23,7 @@ from redis.exceptions import NoScriptError
 from shared.live import LiveKeys
 from shared.schemas import Job, JobKind, JobResult, JobStage, JobStatus
 from shared.settings import FASHION_MNIST
-from shared.watchers import NOTIFY
+from shared.watchers import NOTIFY, as_fields
 
 JOB_ID = re.compile(r"[0-9a-f]{32}")
 
@@ -587,7 +587,7 @@ class AsyncJobStore:
         pushed to ``channel`` from then on; None when it is gone."""
         keys = [self.keys.job(job_id), self.keys.watchers(job_id)]
         flat = await self._watch(keys=keys, args=[channel, "all" if every_change else "end"])
-        return parse_record(dict(zip(flat[::2], flat[1::2], strict=True)))
+        return parse_record(as_fields(flat))
 
     async def queue_length(self, *queues: str) -> int:
         """Messages waiting in these queues (not those already handed to a worker)."""

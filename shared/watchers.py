@@ -33,12 +33,15 @@ end
 """
 
 
-def pushed_fields(data: bytes | str) -> dict[str, Any]:
+def pushed_fields(data: bytes | str) -> dict[Any, Any]:
     """The job's hash as :data:`NOTIFY` pushes it ({} for anything else)."""
     try:
         flat = json.loads(data)
     except ValueError:
         return {}
-    if not isinstance(flat, list) or len(flat) % 2:
-        return {}
+    return as_fields(flat) if isinstance(flat, list) and len(flat) % 2 == 0 else {}
+
+
+def as_fields(flat: list[Any]) -> dict[Any, Any]:
+    """A hash from Lua's HGETALL (fields and values in turn) as a dict."""
     return dict(zip(flat[::2], flat[1::2], strict=True))
