@@ -197,8 +197,10 @@ def tensor_input(
         parts.append((positions, batch))
     pixels = parts[0][1]
     if len(parts) > 1:  # back in order, still uint8, for one normalisation of them all
+        # One copy an image: on a CPU, index_copy_ of uint8 rows took 0.37 ms an image (a
+        # batch of 16 in three sizes: 5.9 ms against 0.32).
         pixels = pixels.new_empty((len(arrays), *pixels.shape[1:]))
         for positions, batch in parts:
-            rows = torch.tensor(positions, device=pixels.device)
-            pixels.index_copy_(0, rows, batch.contiguous())
+            for row, position in enumerate(positions):
+                pixels[position].copy_(batch[row])
     return preprocessing.normalise(pixels)
