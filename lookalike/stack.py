@@ -29,10 +29,16 @@ ROOT = Path(__file__).resolve().parent.parent
 @dataclass
 class Stack:
     """A real service: Redis, worker processes and the API, each a process started with the
-    ``lookalike`` command as a user would, logging to ``<workdir>/<name>.log``."""
+    ``lookalike`` command as a user would, logging to ``<workdir>/<name>.log``.
+
+    ``root`` and ``command`` run another checkout instead (its command module, such as
+    ``shared.cli`` before the ``lookalike`` package), to measure an older version the same way.
+    """
 
     env: dict[str, str]
     workdir: Path
+    root: Path = ROOT
+    command: str = "lookalike"
     redis: RedisServer | None = None
     workers: list[subprocess.Popen[bytes]] = field(default_factory=list)
     api: subprocess.Popen[bytes] | None = None
@@ -47,9 +53,9 @@ class Stack:
     ) -> subprocess.CompletedProcess[str]:
         """Run a ``lookalike`` command to its end with the stack's settings (plus ``env``)."""
         return subprocess.run(
-            [sys.executable, "-m", "lookalike", *args],
+            [sys.executable, "-m", self.command, *args],
             env={**self.env, **env},
-            cwd=ROOT,
+            cwd=self.root,
             capture_output=True,
             text=True,
             timeout=timeout,
@@ -58,9 +64,9 @@ class Stack:
     def spawn(self, name: str, *args: str) -> subprocess.Popen[bytes]:
         log = (self.workdir / f"{name}.log").open("ab")
         return subprocess.Popen(
-            [sys.executable, "-m", "lookalike", *args],
+            [sys.executable, "-m", self.command, *args],
             env=self.env,
-            cwd=ROOT,
+            cwd=self.root,
             stdout=log,
             stderr=subprocess.STDOUT,
             start_new_session=True,

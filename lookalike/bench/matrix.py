@@ -6,6 +6,7 @@
     .venv/bin/python -m lookalike.bench.matrix build      # distributed index builds
     .venv/bin/python -m lookalike.bench.matrix cpu        # the stack's CPU per job
     BENCH_API_PROCESSES=4 BENCH_REQUESTS=2000 .venv/bin/python -m lookalike.bench.matrix cpu
+    BENCH_CHECKOUT=/tmp/base BENCH_CLI=shared.cli .venv/bin/python -m lookalike.bench.matrix cpu
 
 Each configuration starts its own Redis, N ``lookalike worker`` processes and ``lookalike api``
 (``lookalike.stack.Stack``, the stack the end-to-end tests start) with the settings below,
@@ -14,7 +15,10 @@ CLIP of ViT-B/32's exact shape, saved with ``save_pretrained`` in ``$BENCH_HOME/
 loaded from there like any local checkpoint (its matches mean nothing; its compute and its
 loading are the real model's). An index is built first if missing. ``BENCH_SUBMIT_WAIT=0``
 has the bench submit each job, then long-poll it (two requests a job, as before
-``POST /jobs?wait``), for figures comparable with earlier ones.
+``POST /jobs?wait``), for figures comparable with earlier ones. ``cpu`` measures another
+checkout with ``BENCH_CHECKOUT`` (a ``git worktree`` of an older commit) and ``BENCH_CLI`` (its
+command module: ``shared.cli`` before the ``lookalike`` package), its service and its bench
+client driven and measured exactly as this one's.
 """
 
 from __future__ import annotations
@@ -31,7 +35,7 @@ from typing import Any
 import httpx
 
 from lookalike.checkpoint import save_random_clip
-from lookalike.stack import Stack
+from lookalike.stack import ROOT, Stack
 
 HOME = Path(os.environ.get("BENCH_HOME", "/tmp/lookalike-bench"))
 CHECKPOINT = HOME / "clip-b32"
@@ -212,11 +216,14 @@ def cpu(requests: int = 600, concurrency: int = 32, runs: int = 2) -> None:
     one worker with one torch thread, ``requests`` jobs at ``concurrency``; each process's CPU
     time over the timed run (after a warm-up run), divided by the jobs."""
     api_processes = os.environ.get("BENCH_API_PROCESSES", "1")
+    checkout = os.environ.get("BENCH_CHECKOUT")
+    root, command = Path(checkout or ROOT), os.environ.get("BENCH_CLI", "lookalike")
     if not (TINY_CHECKPOINT / "config.json").exists():
         save_random_clip(TINY_CHECKPOINT, shape="tiny")
+    index = "index-tiny" + (f"-{Path(checkout).resolve().name}" if checkout else "")
     env = environment(
         LOOKALIKE_MODEL=str(TINY_CHECKPOINT),
-        LOOKALIKE_INDEX_DIR=str(HOME / "index-tiny"),
+        LOOKALIKE_INDEX_DIR=str(HOME / index),  # (index formats differ between versions)
         LOOKALIKE_THREADS="1",
     )
     print(
@@ -225,7 +232,7 @@ def cpu(requests: int = 600, concurrency: int = 32, runs: int = 2) -> None:
     )
     print("|" + " --- |" * 10)
     with tempfile.TemporaryDirectory() as tmp:
-        stack = Stack(env=env, workdir=Path(tmp))
+        stack = Stack(env=env, workdir=Path(tmp), root=root, command=command)
         built = stack.run_cli("index", "build", "--no-progress", timeout=3600)
         if built.returncode:
             raise SystemExit(f"index build failed:\n{built.stderr}")
