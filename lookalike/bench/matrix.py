@@ -186,7 +186,8 @@ def build(size: int = 4096) -> None:
 
 
 def cpu_seconds(pids: list[int], *, sessions: bool) -> float:
-    """CPU seconds (user + system) of these processes; with ``sessions``, of every process in
+    """CPU seconds (user + system) of these processes and of their children that ended (Redis's
+    rewrites of its append-only file run in children); with ``sessions``, of every process in
     their sessions (an API's uvicorn workers, for one), read from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
     total = 0
@@ -197,7 +198,7 @@ def cpu_seconds(pids: list[int], *, sessions: bool) -> float:
             continue  # gone meanwhile
         pid, session = int(stat_path.parent.name), int(fields[3])
         if pid in pids or (sessions and session in pids):
-            total += int(fields[11]) + int(fields[12])  # utime, stime
+            total += sum(int(ticks) for ticks in fields[11:15])  # utime, stime, cutime, cstime
     return total / tick
 
 
