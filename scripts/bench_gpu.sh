@@ -91,17 +91,8 @@ fi
 kill -TERM -- -$SP 2>/dev/null; sleep 3; kill -KILL -- -$SP 2>/dev/null
 
 cpu_snapshot() {  # CPU seconds of every process, summed by session (each part runs under setsid)
-  python3 -c "
-import os
-tick, by = os.sysconf('SC_CLK_TCK'), {}
-for pid in filter(str.isdigit, os.listdir('/proc')):
-    try:
-        fields = open(f'/proc/{pid}/stat').read().rsplit(')', 1)[1].split()
-    except OSError:
-        continue
-    # utime, stime, and those of ended children (Redis rewrites its append-only file in them)
-    by[fields[3]] = by.get(fields[3], 0) + sum(int(t) for t in fields[11:15]) / tick
-print(' '.join(f'{k}={v}' for k, v in by.items()))"
+  python3 -c "from lookalike.bench.matrix import cpu_by_session as c
+print(' '.join(f'{k}={v}' for k, v in c().items()))"
 }
 cpu_per_job() {  # before, after, jobs, then role=sid pairs
   python3 - "$@" <<'PY'

@@ -29,6 +29,7 @@ import resource
 import sys
 import tempfile
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -185,21 +186,36 @@ def build(size: int = 4096) -> None:
         )
 
 
-def cpu_seconds(pids: list[int], *, sessions: bool) -> float:
-    """CPU seconds (user + system) of these processes and of their children that ended (Redis's
-    rewrites of its append-only file run in children); with ``sessions``, of every process in
-    their sessions (an API's uvicorn workers, for one), read from /proc."""
+def _process_cpu() -> Iterator[tuple[int, int, float]]:
+    """Each process's id, session and CPU seconds (user + system, with those of its children
+    that ended: Redis rewrites its append-only file in children), read from /proc."""
     tick = os.sysconf("SC_CLK_TCK")
-    total = 0
     for stat_path in Path("/proc").glob("[0-9]*/stat"):
         try:
             fields = stat_path.read_text().rsplit(")", 1)[1].split()
         except OSError:
             continue  # gone meanwhile
-        pid, session = int(stat_path.parent.name), int(fields[3])
-        if pid in pids or (sessions and session in pids):
-            total += sum(int(ticks) for ticks in fields[11:15])  # utime, stime, cutime, cstime
-    return total / tick
+        ticks = sum(int(t) for t in fields[11:15])  # utime, stime, cutime, cstime
+        yield int(stat_path.parent.name), int(fields[3]), ticks / tick
+
+
+def cpu_seconds(pids: list[int], *, sessions: bool) -> float:
+    """CPU seconds of these processes; with ``sessions``, of every process in their sessions
+    (an API's uvicorn workers, for one)."""
+    return sum(
+        seconds
+        for pid, session, seconds in _process_cpu()
+        if pid in pids or (sessions and session in pids)
+    )
+
+
+def cpu_by_session() -> dict[int, float]:
+    """CPU seconds of every process, summed by session (scripts/bench_gpu.sh starts each part
+    of the service in a session of its own)."""
+    totals: dict[int, float] = {}
+    for _, session, seconds in _process_cpu():
+        totals[session] = totals.get(session, 0.0) + seconds
+    return totals
 
 
 def stack_cpu(stack: Stack) -> dict[str, float]:

@@ -8,7 +8,7 @@ import subprocess
 import sys
 import time
 
-from lookalike.bench.matrix import cpu_seconds
+from lookalike.bench.matrix import cpu_by_session, cpu_seconds
 
 BURN = "import time\nend = time.process_time() + {s}\nwhile time.process_time() < end: pass\n"
 
@@ -54,7 +54,9 @@ def test_cpu_seconds_counts_every_process_of_a_session() -> None:
             time.sleep(0.1)
         alone = cpu_seconds([leader.pid], sessions=False)
         together = cpu_seconds([leader.pid], sessions=True)
+        by_session = cpu_by_session()[leader.pid]  # (what scripts/bench_gpu.sh reads)
     finally:
         os.killpg(leader.pid, signal.SIGKILL)  # the child too
         leader.wait()
     assert alone < 0.4 and together >= 0.5  # the child is alive: counted by its session
+    assert by_session >= together
